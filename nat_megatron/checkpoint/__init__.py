@@ -1,0 +1,1 @@
+"""Checkpoints: the HF<->Megatron tensor mapping, conversion, and distributed save/load."""

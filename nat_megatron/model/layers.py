@@ -1,0 +1,115 @@
+"""The two layers we own inside Megatron's transformer: RMSNorm and a fused-attention core.
+
+- `RMSNorm` computes in fp32 like Hugging Face's LlamaRMSNorm (so logits match transformers)
+  and marks its weight `sequence_parallel`, so Megatron all-reduces its gradient over TP when
+  sequence parallelism splits the tokens (Megatron's torch-norm wrapper refuses SP).
+- `SDPAttention` replaces Megatron's local DotProductAttention, which materialises the full
+  [s, s] score matrix (O(s^2) memory) and has no context parallelism. It calls
+  torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU) and supports
+  context parallel by all-gathering K/V over the CP group and masking by global position.
+  Transformer Engine's attention is used instead whenever TE is installed (see build.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+
+class RMSNorm(torch.nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back like transformers."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class _GatherAlongDim(torch.autograd.Function):
+    """All-gather over a group, concatenated along `dim`; backward sums each rank's slice.
+
+    torch.distributed.nn's all_gather emulates reduce-scatter with all-to-all on gloo, which
+    gives wrong gradients on sub-groups; this uses reduce-scatter on NCCL and all-reduce +
+    slice elsewhere.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, dim = ctx.group, ctx.dim
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        chunks = [c.contiguous() for c in grad.chunk(size, dim=dim)]
+        if dist.get_backend(group) == "nccl":
+            out = torch.empty_like(chunks[rank])
+            dist.reduce_scatter(out, chunks, group=group)
+            return out, None, None
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=group)
+        return grad.chunk(size, dim=dim)[rank].contiguous(), None, None
+
+
+def cp_chunk_positions(local_len: int, cp_rank: int, cp_size: int, device=None) -> torch.Tensor:
+    """Global token positions held by a CP rank under Megatron's load-balanced split.
+
+    The sequence is cut into 2*cp chunks; rank r holds chunks r and 2*cp-1-r (so causal work is
+    balanced), which is what `get_batch_on_this_cp_rank` produces.
+    """
+    half = local_len // 2
+    first = torch.arange(cp_rank * half, (cp_rank + 1) * half, device=device)
+    last_chunk = 2 * cp_size - 1 - cp_rank
+    second = torch.arange(last_chunk * half, (last_chunk + 1) * half, device=device)
+    return torch.cat([first, second])
+
+
+class SDPAttention(MegatronModule):
+    """Causal core attention over [s, b, heads, dim] tensors, with GQA and context parallel."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale or config.kv_channels ** -0.5
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention takes padded batches without attention bias")
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask, causal = None, True
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp > 1:
+            group = parallel_state.get_context_parallel_group()
+            rank = dist.get_rank(group)
+            # Each rank's K/V gradient is summed back to it from every rank's queries.
+            # One collective for K and V together: autograd may run two independent backward
+            # collectives in a different order on different ranks, pairing K with V.
+            k, v = _GatherAlongDim.apply(torch.stack([k, v]), group, 3).unbind(0)
+            local = q.shape[2]
+            q_pos = cp_chunk_positions(local, rank, cp, q.device)
+            k_pos = torch.cat([cp_chunk_positions(local, r, cp, q.device) for r in range(cp)])
+            mask, causal = q_pos[:, None] >= k_pos[None, :], False
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        s, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -1,0 +1,92 @@
+"""Parallel layouts and the rules that make one valid: one place for every layout check.
+
+The model builder, the trainer's dry run and the layout tuner all call `validate_layout`, so a
+layout is rejected for the same reason, with the same message, everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nat_megatron.model.arch import ModelArch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model is split over ranks: tensor (tp), pipeline (pp, vpp), context (cp), data (dp)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    vpp: int | None = None  # virtual (interleaved) pipeline chunks per stage
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp", "dp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"layout {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.vpp is not None:
+            if self.vpp < 1:
+                raise ValueError(f"layout vpp must be >= 1 or unset, got {self.vpp}")
+            if self.pp < 2:
+                raise ValueError("layout vpp (interleaved pipeline) needs pp >= 2; unset vpp or raise pp")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError("layout sequence_parallel needs tp >= 2; set sequence_parallel=false")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def seq_multiple(self) -> int:
+        """Every sequence length fed to the model must be a multiple of this."""
+        m = 2 * self.cp if self.cp > 1 else 1
+        if self.sequence_parallel:
+            m *= self.tp
+        return m
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """Parse 'tp=2,pp=2,cp=1,dp=1[,vpp=2][,sp=1]'."""
+        keys = {"tp": "tp", "pp": "pp", "cp": "cp", "dp": "dp", "vpp": "vpp",
+                "sp": "sequence_parallel", "sequence_parallel": "sequence_parallel"}
+        kwargs = {}
+        for part in filter(None, text.split(",")):
+            key, _, val = part.partition("=")
+            if key.strip() not in keys or not val:
+                raise ValueError(f"layout item {part!r}: expected key=value with key in {sorted(keys)}")
+            field = keys[key.strip()]
+            kwargs[field] = val.strip().lower() in ("1", "true", "yes") if field == "sequence_parallel" else int(val)
+        return cls(**kwargs)
+
+
+def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None = None,
+                    seq_len: int | None = None) -> None:
+    """Raise ValueError naming the first rule the layout breaks for this model."""
+    tp, pp = layout.tp, layout.pp
+    if world_size is not None and world_size != layout.world_size:
+        raise ValueError(
+            f"layout tp*pp*cp*dp = {tp}*{pp}*{layout.cp}*{layout.dp} = {layout.world_size} "
+            f"does not match the world size {world_size}; change dp (or tp/pp/cp) to fit"
+        )
+    if arch.num_heads % tp:
+        raise ValueError(f"tp={tp} does not divide num_attention_heads={arch.num_heads}")
+    if arch.num_kv_heads % tp:
+        raise ValueError(
+            f"tp={tp} does not divide the number of query groups (num_key_value_heads="
+            f"{arch.num_kv_heads}); use a tp that divides it"
+        )
+    if arch.ffn_hidden_size % tp:
+        raise ValueError(f"tp={tp} does not divide intermediate_size={arch.ffn_hidden_size}")
+    chunks = pp * (layout.vpp or 1)
+    if arch.num_layers % chunks:
+        raise ValueError(
+            f"pp={pp} x vpp={layout.vpp or 1} = {chunks} pipeline chunks do not divide "
+            f"num_layers={arch.num_layers}"
+        )
+    if seq_len is not None and seq_len % layout.seq_multiple:
+        raise ValueError(
+            f"sequence length {seq_len} is not a multiple of {layout.seq_multiple} "
+            f"(2*cp{'*tp with sequence parallel' if layout.sequence_parallel else ''}); pad it"
+        )

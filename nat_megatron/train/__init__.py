@@ -1,0 +1,1 @@
+"""Training: micro-batched forward/backward through Megatron's schedules, DDP and the optimizer."""

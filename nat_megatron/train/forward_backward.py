@@ -1,0 +1,140 @@
+"""One forward/backward pass over a list of micro-batches, through Megatron's real schedules.
+
+The loss is never averaged inside Megatron. Each micro-batch returns the SUM of its weighted
+per-token terms and its share of the global normaliser (nat.md §1); Megatron's
+`calculate_per_token_loss` path adds the shares over micro-batches and data/context-parallel
+ranks and divides every gradient once by the total, in `finalize_model_grads`.
+
+Micro-batches may differ in length (RPC truncation). Without interleaving,
+`variable_seq_lengths` makes every pipeline p2p send the tensor shape first, so each stage
+learns a micro-batch's length before it receives the activations. Megatron's interleaved
+schedule cannot do that with pp=2 (a stage's previous and next peer are the same rank, and its
+combined shape exchange matches messages by posting order, crossing them): with virtual
+pipeline stages every micro-batch of a step is padded to the step's longest one, and every
+stage uses that one fixed shape (build.py turns the shape exchange off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+from nat_megatron.model.layers import cp_chunk_positions
+from nat_megatron.model.logprobs import vocab_parallel_token_stats
+
+# loss_fn(stats, micro_batch) -> (loss_sum, normaliser_count). `stats` holds per-position
+# "logprobs" (and "entropy" / "sum_p2" when requested) for this rank's positions.
+LossFn = Callable[[dict, "MicroBatch"], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class MicroBatch:
+    """Padded token batch; every per-position tensor is [b, s] aligned with `tokens`.
+
+    `targets[:, t]` is the token whose log-prob position t predicts (tokens[:, t+1]).
+    `fields` carries whatever the loss needs per position (advantages, old log-probs, HT
+    weights, ...). `count` is this micro-batch's share of the global loss normaliser.
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+
+    def pad_to(self, length: int) -> "MicroBatch":
+        """Right-pad every tensor with zeros; padded positions carry zero weight in every loss."""
+        extra = length - self.seq_len
+        if extra == 0:
+            return self
+        pad = lambda t: torch.nn.functional.pad(t, (0, extra))  # noqa: E731
+        return MicroBatch(tokens=pad(self.tokens), targets=pad(self.targets),
+                          fields={k: pad(v) for k, v in self.fields.items()}, count=self.count)
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def for_cp_rank(self) -> "MicroBatch":
+        """This context-parallel rank's positions (Megatron's load-balanced 2*cp split)."""
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp == 1:
+            return self
+        rank = parallel_state.get_context_parallel_rank()
+        if self.seq_len % (2 * cp):
+            raise ValueError(f"micro-batch length {self.seq_len} is not a multiple of 2*cp={2 * cp}")
+        idx = cp_chunk_positions(self.seq_len // cp, rank, cp, self.tokens.device)
+        return MicroBatch(
+            tokens=self.tokens[:, idx], targets=self.targets[:, idx],
+            fields={k: v[:, idx] for k, v in self.fields.items()},
+            # The normaliser is counted once per sample: on CP rank 0 only.
+            count=self.count if rank == 0 else 0,
+        )
+
+    def position_ids(self) -> torch.Tensor:
+        cp = parallel_state.get_context_parallel_world_size()
+        s = self.seq_len
+        if cp == 1:
+            pos = torch.arange(s, device=self.tokens.device)
+        else:  # the sliced micro-batch: recover global positions
+            pos = cp_chunk_positions(s, parallel_state.get_context_parallel_rank(), cp, self.tokens.device)
+        return pos.unsqueeze(0).expand(self.tokens.shape[0], -1)
+
+
+def _device(t: torch.Tensor) -> torch.Tensor:
+    return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
+
+
+def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
+                     vocab_size: int, forward_only: bool = False, entropy: bool = False,
+                     sum_p2: bool = False, keep_logits: bool = False) -> list[dict]:
+    """Run Megatron's schedule (no pipelining, 1F1B or interleaved) over `micro_batches`.
+
+    Returns, on the last pipeline stage, one dict per micro-batch with the detached
+    "loss_sum" and "count"; an empty list elsewhere. Gradients accumulate in the DDP buffers
+    and are divided by the global count when the model is wrapped by `wrap_ddp` and the
+    schedule is run with forward_only=False. `keep_logits` adds the full-vocabulary logits
+    (gathered over TP; for checks and debugging, not for training) as "logits".
+    """
+    if len(chunks) > 1:  # interleaved schedule: one shape for the whole step (see above)
+        longest = max(mb.seq_len for mb in micro_batches)
+        micro_batches = [mb.pad_to(longest) for mb in micro_batches]
+    local = [mb.for_cp_rank() for mb in micro_batches]
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        tokens = _device(mb.tokens)
+        output = model(tokens, _device(mb.position_ids()), None)
+        return output, partial(_loss, mb)
+
+    def _loss(mb: MicroBatch, logits: torch.Tensor):
+        stats = vocab_parallel_token_stats(logits, _device(mb.targets), vocab_size,
+                                           entropy=entropy, sum_p2=sum_p2)
+        loss_sum, count = loss_fn(stats, mb)
+        count = torch.as_tensor(count, dtype=torch.int, device=loss_sum.device)
+        out = {"loss_sum": loss_sum.detach().clone(), "count": count.clone(),
+               "stats": {k: v.detach() for k, v in stats.items()}}
+        if keep_logits:
+            out["logits"] = gather_from_tensor_model_parallel_region(logits.detach())[..., :vocab_size]
+        return loss_sum, count, out
+
+    n_chunks = len(chunks)
+    if n_chunks > 1:  # interleaved schedule: one iterator per virtual stage, same data
+        data = [iter(local) for _ in range(n_chunks)]
+    else:
+        data = iter(local)
+    schedule = get_forward_backward_func()
+    return schedule(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=chunks if n_chunks > 1 else chunks[0],
+        num_microbatches=len(local),
+        seq_length=max(mb.seq_len for mb in local),
+        micro_batch_size=local[0].tokens.shape[0],
+        forward_only=forward_only,
+    )

@@ -1,0 +1,41 @@
+"""Megatron DDP wrapping and the (distributed) optimizer."""
+
+from __future__ import annotations
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+
+def wrap_ddp(chunks: list, *, use_distributed_optimizer: bool = True,
+             grad_reduce_in_fp32: bool = True) -> list[DistributedDataParallel]:
+    """Wrap every model chunk in Megatron DDP (contiguous grad buffers, main_grad)."""
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                # Only the first chunk's buckets start reducing early.
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    # The schedule calls this after the last backward: DP/CP grad all-reduce, tied-embedding
+    # and norm all-reduces, then division by the global normaliser (num_tokens).
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(chunks: list, *, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
+                    optimizer: str = "adam", use_distributed_optimizer: bool = True,
+                    adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
+                    bf16: bool = False):
+    """Megatron optimizer over DDP-wrapped chunks (torch Adam/SGD when Apex/TE are absent)."""
+    cfg = OptimizerConfig(
+        optimizer=optimizer, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+        adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
+        use_distributed_optimizer=use_distributed_optimizer, bf16=bf16,
+    )
+    return get_megatron_optimizer(cfg, chunks)
