@@ -1,0 +1,85 @@
+"""Reward functions by name: what a config's `reward: math_verify` resolves to.
+
+A reward function takes one completion and its reference answer and returns a `Score`.
+It must never raise on model text (garbage scores 0) and never execute or eval it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Score:
+    """Outcome for one sample. `status` says why, for logging: ok, wrong, no_answer, timeout."""
+
+    reward: float
+    correct: bool
+    extracted: str | None = None
+    status: str = "ok"
+
+
+RewardFn = Callable[[str, str], Score]
+
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering a reward function under `name` (names are unique)."""
+
+    def decorate(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def available_rewards() -> list[str]:
+    """Names accepted by `get_reward`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_reward(name: str) -> RewardFn:
+    """The reward function registered as `name`; ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown reward {name!r}; set the reward name to one of {available_rewards()}"
+        ) from None
+
+
+@dataclass
+class Scores:
+    """Scores of a batch, in sample order, plus how many samples ended in each status."""
+
+    rewards: list[float]
+    correct: list[bool]
+    extracted: list[str | None]
+    counts: Counter = field(default_factory=Counter)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of samples judged correct (0.0 for an empty batch)."""
+        return sum(self.correct) / len(self.correct) if self.correct else 0.0
+
+
+def score_batch(reward: str | RewardFn, completions: Sequence[str], answers: Sequence[str]) -> Scores:
+    """Score `completions[i]` against `answers[i]` with the reward named (or given) by `reward`."""
+    if len(completions) != len(answers):
+        raise ValueError(
+            f"got {len(completions)} completions but {len(answers)} answers; pass one answer per "
+            "completion (repeat a prompt's answer for each of its samples)"
+        )
+    fn = get_reward(reward) if isinstance(reward, str) else reward
+    scores = [fn(completion, answer) for completion, answer in zip(completions, answers)]
+    return Scores(
+        rewards=[s.reward for s in scores],
+        correct=[s.correct for s in scores],
+        extracted=[s.extracted for s in scores],
+        counts=Counter(s.status for s in scores),
+    )
