@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -68,17 +66,6 @@ def world_size(args) -> int:
     return 1 if args.cmd == "mcore-to-hf" else args.tp * args.pp
 
 
-def relaunch(args, argv) -> int:
-    """Start world_size(args) ranks of this same command under torchrun."""
-    n = world_size(args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
-           "--master-addr=127.0.0.1", f"--master-port={port}", __file__, *argv]
-    return subprocess.call(cmd, env=dict(os.environ, NAT_CONVERT_CHILD="1"))
-
-
 def run(args) -> None:
     import nat_megatron  # noqa: F401
     from nat_megatron.checkpoint import convert
@@ -105,13 +92,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "RANK" not in os.environ:
+    from nat_megatron.parallel.launch import in_distributed_job, relaunch, single_process_env
+
+    if not in_distributed_job():
         if world_size(args) > 1:
-            return relaunch(args, argv)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            return relaunch(world_size(args), [__file__, *argv])
+        single_process_env()
     try:
         run(args)
     except ValueError as e:

@@ -6,6 +6,8 @@ Backends, chosen once per process by `attention_backend()`:
   GPUs without TE and on CPU, where it runs over gloo.
 Both backends use the same module names (separate norms before the QKV and FC1 linears), so
 a distributed checkpoint written by one loads into the other.
+The model class is `SelectiveGPTModel` (model/output.py): GPTModel, plus an optional
+`output_index` that runs the final norm and output layer on selected positions only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import functools
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -33,6 +34,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from nat_megatron.model.arch import ModelArch
 from nat_megatron.model.layers import RMSNorm, SDPAttention
+from nat_megatron.model.output import SelectiveGPTModel
 from nat_megatron.parallel.layout import Layout, validate_layout
 
 
@@ -136,7 +138,7 @@ def transformer_config(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = 
 
 
 def build_model(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.float32,
-                seq_len: int | None = None, **config_overrides) -> list[GPTModel]:
+                seq_len: int | None = None, **config_overrides) -> list[SelectiveGPTModel]:
     """The model chunks this rank holds (one per virtual pipeline stage).
 
     parallel_state must already be initialised for `layout` (see parallel.distributed).
@@ -156,7 +158,7 @@ def build_model(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.f
                 layer_norm=final_norm,
             ),
         )
-        model = GPTModel(
+        model = SelectiveGPTModel(
             config=config,
             transformer_layer_spec=block,
             vocab_size=arch.padded_vocab_size,

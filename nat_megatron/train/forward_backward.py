@@ -12,6 +12,10 @@ schedule cannot do that with pp=2 (a stage's previous and next peer are the same
 combined shape exchange matches messages by posting order, crossing them): with virtual
 pipeline stages every micro-batch of a step is padded to the step's longest one, and every
 stage uses that one fixed shape (build.py turns the shape exchange off).
+
+`output_mask` names a bool per-position field: the last stage then runs the final norm, the
+output layer and the log-softmax on those positions only (model/output.py), and the loss sees
+statistics scattered back onto the [b, s] grid, zero at the other positions.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from nat_megatron.model.layers import cp_chunk_positions
 from nat_megatron.model.logprobs import vocab_parallel_token_stats
+from nat_megatron.model.output import positions_to_index, scatter_positions
 
 # loss_fn(stats, micro_batch) -> (loss_sum, normaliser_count). `stats` holds per-position
-# "logprobs" (and "entropy" / "sum_p2" when requested) for this rank's positions.
+# [b, s] "logprobs" (and "entropy" / "sum_p2" when requested) for this rank's positions.
 LossFn = Callable[[dict, "MicroBatch"], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -92,7 +97,8 @@ def _device(t: torch.Tensor) -> torch.Tensor:
 
 def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
                      vocab_size: int, forward_only: bool = False, entropy: bool = False,
-                     sum_p2: bool = False, keep_logits: bool = False) -> list[dict]:
+                     sum_p2: bool = False, keep_logits: bool = False,
+                     output_mask: str | None = None) -> list[dict]:
     """Run Megatron's schedule (no pipelining, 1F1B or interleaved) over `micro_batches`.
 
     Returns, on the last pipeline stage, one dict per micro-batch with the detached
@@ -100,6 +106,8 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
     and are divided by the global count when the model is wrapped by `wrap_ddp` and the
     schedule is run with forward_only=False. `keep_logits` adds the full-vocabulary logits
     (gathered over TP; for checks and debugging, not for training) as "logits".
+    `output_mask`: name of a bool [b, s] field of every micro-batch; only those positions reach
+    the output layer and the loss (zeros elsewhere in "stats" and "logits").
     """
     if len(chunks) > 1:  # interleaved schedule: one shape for the whole step (see above)
         longest = max(mb.seq_len for mb in micro_batches)
@@ -109,18 +117,28 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         tokens = _device(mb.tokens)
-        output = model(tokens, _device(mb.position_ids()), None)
-        return output, partial(_loss, mb)
+        if output_mask is None:
+            return model(tokens, _device(mb.position_ids()), None), partial(_loss, mb, None)
+        index = _device(positions_to_index(mb.fields[output_mask]))
+        output = model(tokens, _device(mb.position_ids()), None, output_index=index)
+        return output, partial(_loss, mb, index)
 
-    def _loss(mb: MicroBatch, logits: torch.Tensor):
-        stats = vocab_parallel_token_stats(logits, _device(mb.targets), vocab_size,
+    def _loss(mb: MicroBatch, index: torch.Tensor | None, logits: torch.Tensor):
+        targets = _device(mb.targets)
+        if index is not None:  # logits are [k, V/tp] at the selected positions
+            targets = targets.t().reshape(-1)[index]
+        stats = vocab_parallel_token_stats(logits, targets, vocab_size,
                                            entropy=entropy, sum_p2=sum_p2)
+        if index is not None:
+            b, s = mb.tokens.shape
+            stats = {k: scatter_positions(v, index, b, s) for k, v in stats.items()}
         loss_sum, count = loss_fn(stats, mb)
         count = torch.as_tensor(count, dtype=torch.int, device=loss_sum.device)
         out = {"loss_sum": loss_sum.detach().clone(), "count": count.clone(),
                "stats": {k: v.detach() for k, v in stats.items()}}
         if keep_logits:
-            out["logits"] = gather_from_tensor_model_parallel_region(logits.detach())[..., :vocab_size]
+            full = gather_from_tensor_model_parallel_region(logits.detach())[..., :vocab_size]
+            out["logits"] = full if index is None else scatter_positions(full, index, *mb.tokens.shape)
         return loss_sum, count, out
 
     n_chunks = len(chunks)

@@ -1,0 +1,277 @@
+"""From rollout samples and a NAT selection to Megatron micro-batches, and the NAT loss on them.
+
+Truncated compute (RPC). Attention is causal, so the log-probs of kept tokens do not depend on
+anything after the last kept one: a response kept up to its cut C is fed as the prompt and its
+first C - 1 tokens (C-th token: a target, never an input), BEFORE the model runs, so every
+layer's forward and backward shrink. A sample with C = 0 is skipped entirely: it has no kept
+token, so it cannot change the loss or the gradient, and its forward would be pure waste. It
+still counts in the normaliser (nat.md §2: full-sequence denominator). A rank whose every sample
+is skipped keeps one prompt-only row with zero weight, so it still takes part in the schedule
+and the gradient all-reduces.
+
+Micro-batches are padded, not packed: our SDPA attention (and Megatron's pipeline shape
+exchange) take [b, s] batches; packing would need variable-length attention. Padding is kept
+small by sorting the sequences by truncated length and cutting the sorted list into contiguous
+groups, either balanced so that at most `num_micro_batches` groups have the smallest possible
+largest padded size (b * s_pad; the step's peak memory), or greedily up to `max_tokens` padded
+tokens each. tools/bench_nat.py measures the padding this saves against unsorted fixed-size
+micro-batches. Every length pads up to `seq_multiple` (`Layout.seq_multiple`, and 16 with FP8:
+`seq_multiple_for`); padding carries zero weight.
+
+Per-position fields ([b, s], position t predicts token t + 1), zero on padding:
+  response_pos  j + 1 where position t predicts response token j (0: prompt or padding)
+  old_logprobs  rollout log-prob of that response token     (ref_logprobs likewise, if given)
+  kept, prob    Selection.mask / Selection.prob of that token
+  advantages    the sample's advantage; lengths: its FULL response length (both broadcast)
+`count` is the micro-batch's share of the global normaliser from FULL response lengths
+(token-mean: response tokens; seq-mean modes: samples), skipped samples' shares included.
+
+Every rank that builds micro-batches from the same samples and the same Selection gets the same
+micro-batches (the plan is a deterministic function of the lengths), so every pipeline stage
+knows each micro-batch's shape before the schedule runs. Draw the Selection with
+`selection.selection_generators(seed, step, sample_ids)` so that it is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nat_megatron.nat.loss import LossConfig, nat_loss_sum, normaliser_count
+from nat_megatron.nat.selection import Selection
+from nat_megatron.train.forward_backward import MicroBatch
+
+KEPT_FIELD = "kept"  # pass as forward_backward(output_mask=KEPT_FIELD) for the selected-output path
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One rollout response: token ids, rollout log-probs [T] and its scalar advantage."""
+
+    prompt: torch.Tensor
+    response: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantage: float
+    ref_logprobs: torch.Tensor | None = None
+
+
+def seq_multiple_for(layout, *, fp8: bool = False) -> int:
+    """Sequence lengths pad to this: Layout.seq_multiple (2*cp, x tp with SP), and 16 with FP8."""
+    return math.lcm(layout.seq_multiple, 16) if fp8 else layout.seq_multiple
+
+
+def plan_micro_batches(seq_lens: Sequence[int], *, seq_multiple: int = 1,
+                       num_micro_batches: int | None = None, max_tokens: int | None = None,
+                       sort: bool = True) -> list[list[int]]:
+    """Group sequence indices into micro-batches (module docstring). Deterministic.
+
+    Sorted (longest first), contiguous groups: first the smallest largest group (padded
+    b * s_pad, what sets peak memory) within `num_micro_batches` groups, or the fewest groups
+    within `max_tokens`; then, among those, the least total padding (what costs time).
+    sort=False keeps the given order in equal-count groups (or greedy up to max_tokens): the
+    unsorted baseline that tools/bench_nat.py compares against.
+    """
+    if (num_micro_batches is None) == (max_tokens is None):
+        raise ValueError("set exactly one of num_micro_batches (a fixed count per step) or "
+                         "max_tokens (padded tokens per micro-batch)")
+    n = len(seq_lens)
+    padded = [-(-int(s) // seq_multiple) * seq_multiple for s in seq_lens]
+    order = sorted(range(n), key=lambda i: -padded[i]) if sort else list(range(n))
+    if max_tokens is not None and max_tokens < max(padded):
+        raise ValueError(f"max_tokens={max_tokens} is below the longest padded sequence "
+                         f"({max(padded)} tokens); raise max_tokens")
+    if num_micro_batches is None:
+        groups = _greedy(order, padded, max_tokens)
+        return _least_padding(order, padded, max_tokens, len(groups)) if sort else groups
+    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or (
+            num_micro_batches < 1):
+        raise ValueError(f"num_micro_batches={num_micro_batches!r} must be an int >= 1")
+    if not sort:
+        size = -(-n // num_micro_batches)
+        return [order[i:i + size] for i in range(0, n, size)]
+    # Smallest budget whose greedy cut needs <= num_micro_batches groups (the count is
+    # non-increasing in the budget, and greedy is optimal for contiguous sorted groups).
+    lo, hi = max(padded), max(padded) * n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(_greedy(order, padded, mid)) <= num_micro_batches \
+            else (mid + 1, hi)
+    return _least_padding(order, padded, lo, min(num_micro_batches, n))
+
+
+def _greedy(order: list[int], padded: list[int], budget: int) -> list[list[int]]:
+    groups, cur, longest = [], [], 0
+    for i in order:
+        if cur and (len(cur) + 1) * max(longest, padded[i]) > budget:
+            groups.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, padded[i])
+    return groups + [cur]
+
+
+def _least_padding(order: list[int], padded: list[int], budget: int, groups: int
+                   ) -> list[list[int]]:
+    """`groups` contiguous groups of the sorted `order`, each at most `budget` padded tokens,
+    with the least total padded tokens (dynamic programme over split points, O(groups n^2)).
+    Splitting a sorted group never adds padding, so using every allowed group is optimal."""
+    n = len(order)
+    L = torch.tensor([padded[i] for i in order], dtype=torch.long)
+    start, end = torch.arange(n)[:, None], torch.arange(n + 1)[None, :]
+    cost = (end - start) * L[:, None]  # group = sorted rows start..end-1, longest first
+    big = torch.iinfo(torch.long).max // 4
+    cost = torch.where((end > start) & (cost <= budget), cost, big)
+    best = torch.full((n + 1,), big)
+    best[0] = 0
+    back = []
+    for _ in range(groups):  # best[j]: least total over rows 0..j-1 in the groups so far
+        total = best[:n, None] + cost
+        best, arg = total.min(0)
+        best = torch.cat([best.new_full((1,), big), best[1:]]).clamp(max=big)
+        back.append(arg)
+    cuts, j = [], n
+    for arg in reversed(back):
+        i = int(arg[j])
+        cuts.append((i, j))
+        j = i
+    assert j == 0, "a feasible plan exists for this budget and group count"
+    return [order[i:j] for i, j in reversed(cuts)]
+
+
+def build_micro_batches(samples: Sequence[Sample], selection: Selection, *, aggregation: str,
+                        seq_multiple: int = 1, num_micro_batches: int | None = None,
+                        max_tokens: int | None = None, sort: bool = True,
+                        pad_rows: bool = False) -> list[MicroBatch]:
+    """Truncate every sample to its kept prefix and group the rows into MicroBatches.
+
+    `selection` is `selection.sample(...)` over these samples' response lengths, in order.
+    pad_rows=True gives every micro-batch the same number of rows (zero-weight rows; needed by
+    the interleaved schedule, which uses one shape for the whole step).
+    """
+    _check(samples, selection, seq_multiple)
+    cuts = selection.cut.tolist()
+    live = [i for i, c in enumerate(cuts) if c > 0]
+    rows = [(i, len(samples[i].prompt) + cuts[i] - 1) for i in live]
+    if not rows:  # every sample skipped: one prompt-only row keeps this rank in the schedule
+        rows = [(0, len(samples[0].prompt))]
+    plan = plan_micro_batches([n for _, n in rows], seq_multiple=seq_multiple,
+                              num_micro_batches=num_micro_batches, max_tokens=max_tokens,
+                              sort=sort)
+    full = selection.lengths
+    shares = [normaliser_count(full[[rows[r][0] for r in g]], aggregation) for g in plan]
+    shares[0] += normaliser_count(full, aggregation) - sum(shares)  # the skipped samples
+    width = max(len(g) for g in plan) if pad_rows else 0
+    out = []
+    for group, share in zip(plan, shares):
+        s_pad = -(-max(rows[r][1] for r in group) // seq_multiple) * seq_multiple
+        members = [rows[r][0] if cuts[rows[r][0]] > 0 else None for r in group]
+        members += [None] * (width - len(members))
+        out.append(_micro_batch(samples, selection, members, s_pad,
+                                prompt_only=rows[group[0]][0] if not live else None,
+                                count=share))
+    return out
+
+
+def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> MicroBatch:
+    """Rows for `members` (None: an empty zero-weight row) padded to s_pad positions."""
+    b = len(members)
+    tokens = torch.zeros(b, s_pad + 1, dtype=torch.long)  # + 1: the last target
+    with_ref = samples[0].ref_logprobs is not None
+    names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths"]
+    names += ["ref_logprobs"] if with_ref else []
+    dtypes = {"response_pos": torch.long, KEPT_FIELD: torch.bool, "prob": torch.float64,
+              "lengths": torch.long}
+    f = {k: torch.zeros(b, s_pad, dtype=dtypes.get(k, torch.float32)) for k in names}
+    for r, i in enumerate(members):
+        if i is None:
+            if prompt_only is not None and r == 0:
+                p = samples[prompt_only].prompt
+                tokens[r, :len(p)] = p
+            continue
+        smp, c = samples[i], int(selection.cut[i])
+        p = len(smp.prompt)
+        tokens[r, :p] = smp.prompt
+        tokens[r, p:p + c] = smp.response[:c]
+        at = slice(p - 1, p - 1 + c)  # position p - 1 + j predicts response token j
+        f["response_pos"][r, at] = torch.arange(1, c + 1)
+        f["old_logprobs"][r, at] = smp.old_logprobs[:c].float()
+        f[KEPT_FIELD][r, at] = selection.mask[i, :c]
+        f["prob"][r, at] = selection.prob[i, :c]
+        f["advantages"][r] = float(smp.advantage)
+        f["lengths"][r] = int(selection.lengths[i])
+        if with_ref:
+            f["ref_logprobs"][r, at] = smp.ref_logprobs[:c].float()
+    return MicroBatch(tokens=tokens[:, :-1].clone(), targets=tokens[:, 1:].clone(), fields=f,
+                      count=count)
+
+
+def nat_loss_fn(cfg: LossConfig):
+    """A forward_backward loss_fn: the NAT loss sum (nat_loss_sum) of one micro-batch.
+
+    Per-position statistics are scattered back onto the response grid [b, W] (W = the longest
+    kept prefix), so nat_loss_sum sees response-aligned tensors. Under context parallelism a
+    rank holds only some positions; the rest stay unkept and each rank returns its part of
+    the sum (the parts add up over CP like the gradients do).
+    """
+    if not isinstance(cfg, LossConfig):
+        raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
+
+    def loss_fn(stats: dict, mb: MicroBatch):
+        f = {k: v.to(stats["logprobs"].device) for k, v in mb.fields.items()}
+        on = f["response_pos"] > 0
+        width = int(f["response_pos"].max()) if bool(on.any()) else 0
+        col = torch.where(on, f["response_pos"] - 1, width)  # off-response: a dropped column
+
+        def grid(x):
+            return x.new_zeros(x.shape[0], width + 1).scatter(1, col, x)[:, :width]
+
+        # Exact per-row scalars (a max over identical values, no rounding); 0 / 1 on empty rows.
+        adv = torch.where(on, f["advantages"], -math.inf).amax(1)
+        adv = torch.where(on.any(1), adv, torch.zeros_like(adv))
+        lengths = f["lengths"].amax(1).clamp(min=1)
+        extra = {}
+        if "ref_logprobs" in f:
+            extra["ref_logprobs"] = grid(f["ref_logprobs"])
+        if "entropy" in stats:
+            extra["entropy"] = grid(stats["entropy"])
+        loss_sum, _ = nat_loss_sum(
+            grid(stats["logprobs"]), old_logprobs=grid(f["old_logprobs"]), advantages=adv,
+            selection_mask=grid(f[KEPT_FIELD] & on), selection_prob=grid(f["prob"]),
+            lengths=lengths, cfg=cfg, **extra)
+        if width == 0:  # nothing of this micro-batch here: keep the graph for backward
+            loss_sum = loss_sum + 0.0 * stats["logprobs"].sum()
+        return loss_sum, mb.count
+
+    return loss_fn
+
+
+def _check(samples, selection, seq_multiple):
+    if not samples:
+        raise ValueError("samples is empty: pass at least one Sample")
+    if not isinstance(selection, Selection) or selection.lengths.numel() != len(samples):
+        raise ValueError("selection must be a Selection drawn for exactly these samples "
+                         "(selection.sample over their response lengths, in order)")
+    if isinstance(seq_multiple, bool) or not isinstance(seq_multiple, int) or seq_multiple < 1:
+        raise ValueError(f"seq_multiple={seq_multiple!r} must be an int >= 1 "
+                         "(seq_multiple_for(layout))")
+    with_ref = samples[0].ref_logprobs is not None
+    for i, smp in enumerate(samples):
+        T = int(selection.lengths[i])
+        if smp.prompt.dim() != 1 or len(smp.prompt) < 1:
+            raise ValueError(f"samples[{i}].prompt must be a 1-D tensor of >= 1 token ids "
+                             "(the first response token is predicted from the prompt)")
+        if smp.response.dim() != 1 or len(smp.response) != T:
+            raise ValueError(f"samples[{i}].response has {len(smp.response)} tokens but "
+                             f"selection.lengths[{i}] = {T}; draw the selection from the "
+                             "response lengths")
+        for name in ("old_logprobs", "ref_logprobs"):
+            x = getattr(smp, name)
+            if name == "ref_logprobs" and (x is not None) != with_ref:
+                raise ValueError(f"samples[{i}].ref_logprobs: give ref_logprobs for every "
+                                 "sample or for none")
+            if x is not None and tuple(x.shape) != (T,):
+                raise ValueError(f"samples[{i}].{name} must have shape ({T},), one per "
+                                 "response token")
