@@ -102,3 +102,14 @@ def test_cli_prints_the_path_last(capsys):
     spec.loader.exec_module(module)
     assert module.main([]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(smollm2.ensure_smollm2())
+
+
+def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+    def crash(gguf_path, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(smollm2, "convert_gguf", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        smollm2.ensure_smollm2(tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
