@@ -28,14 +28,31 @@ def wrap_ddp(chunks: list, *, use_distributed_optimizer: bool = True,
     return wrapped
 
 
-def build_optimizer(chunks: list, *, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
+def build_optimizer(chunks: list, *, lr: float, min_lr: float = 0.0, weight_decay: float = 0.0,
+                    clip_grad: float = 1.0,
                     optimizer: str = "adam", use_distributed_optimizer: bool = True,
                     adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
                     bf16: bool = False):
     """Megatron optimizer over DDP-wrapped chunks (torch Adam/SGD when Apex/TE are absent)."""
     cfg = OptimizerConfig(
-        optimizer=optimizer, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+        # min_lr lands in every param group, where Megatron's LR scheduler reads it.
+        optimizer=optimizer, lr=lr, min_lr=min_lr, weight_decay=weight_decay, clip_grad=clip_grad,
         adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
         use_distributed_optimizer=use_distributed_optimizer, bf16=bf16,
     )
     return get_megatron_optimizer(cfg, chunks)
+
+
+def build_scheduler(optimizer, *, lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
+                    total_steps: int, decay_style: str = "cosine", weight_decay: float = 0.0):
+    """Megatron's LR/WD scheduler, stepped once per optimizer step (state goes in checkpoints)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if total_steps < 1 or warmup_steps < 0 or warmup_steps > total_steps:
+        raise ValueError(f"scheduler: need 0 <= warmup_steps ({warmup_steps}) <= total_steps "
+                         f"({total_steps}) and total_steps >= 1")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=total_steps, lr_decay_style=decay_style,
+        start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=total_steps,
+        wd_incr_style="constant")

@@ -107,6 +107,7 @@ def test_save_tp2pp2_resume_and_load_tp1(tiny_hf, tmp_path):
     for k, w in first["weights"].items():  # model, optimizer and RNG restored: same next step
         assert torch.equal(w, resumed["weights"][k]), f"{k} differs after resuming"
     assert torch.equal(first["rng"], resumed["rng"])
+    assert first["lr"] == resumed["lr"] > 0  # the LR schedule resumed where it was
 
     tp1 = launch("tests.checkpoint.workers:load_logits", 1, layout={}, ckpt=kw["ckpt"], hf_dir=hf,
                  tokens=tokens[0, :, :16])[0]

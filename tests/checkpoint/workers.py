@@ -16,16 +16,17 @@ from nat_megatron.model.build import build_model
 from nat_megatron.parallel.distributed import init_distributed, shutdown
 from nat_megatron.parallel.layout import Layout
 from nat_megatron.train.forward_backward import forward_backward
-from nat_megatron.train.optimizer import build_optimizer, wrap_ddp
+from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from tests.parallel.workers import make_micro_batches, weighted_nll
 
 
-def _train_step(ddp, opt, mbs, vocab):
+def _train_step(ddp, opt, sched, mbs, vocab):
     for c in ddp:
         c.zero_grad_buffer()
     opt.zero_grad()
     forward_backward(ddp, mbs, weighted_nll, vocab_size=vocab)
     opt.step()
+    sched.step(increment=1)
 
 
 def train_save_continue(*, layout, hf_dir, ckpt, tokens, weights, lengths, resume=False):
@@ -41,17 +42,21 @@ def train_save_continue(*, layout, hf_dir, ckpt, tokens, weights, lengths, resum
     load_hf_weights(chunks, arch, HFReader(hf_dir))
     ddp = wrap_ddp(chunks)
     opt = build_optimizer(ddp, lr=1e-2, optimizer="adam")
+    sched = build_scheduler(opt, lr=1e-2, warmup_steps=1, total_steps=4)
     mbs = make_micro_batches(tokens, weights, lengths)
     out = {}
     if resume:
         out["extra"] = load_checkpoint(ckpt, ddp, optimizer=opt)
+        sched.load_state_dict(out["extra"].pop("scheduler"))
     else:
-        _train_step(ddp, opt, mbs, arch.vocab_size)
-        save_checkpoint(ckpt, ddp, optimizer=opt, extra={"step": 1, "note": "after one step"})
+        _train_step(ddp, opt, sched, mbs, arch.vocab_size)
+        save_checkpoint(ckpt, ddp, optimizer=opt,
+                        extra={"step": 1, "note": "after one step", "scheduler": sched.state_dict()})
         out["logits"] = full_logits(ddp, tokens[0, :, : lengths[0]], arch.vocab_size)
         for c in ddp:
             c.train()
-    _train_step(ddp, opt, mbs, arch.vocab_size)
+    _train_step(ddp, opt, sched, mbs, arch.vocab_size)
+    out["lr"] = opt.param_groups[0]["lr"]
     out["weights"] = gather_full(ddp)
     out["rng"] = torch.rand(3)
     shutdown()
