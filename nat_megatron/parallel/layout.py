@@ -62,13 +62,24 @@ class Layout:
 
 
 def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None = None,
-                    seq_len: int | None = None) -> None:
-    """Raise ValueError naming the first rule the layout breaks for this model."""
+                    seq_len: int | None = None, gpus_per_node: int | None = None,
+                    global_batch: int | None = None, micro_batch_size: int = 1) -> None:
+    """Raise ValueError naming the first rule the layout breaks for this model.
+
+    Optional checks: gpus_per_node (tensor parallelism stays inside a node, on NVLink) and
+    global_batch / micro_batch_size (the step splits into whole micro-batches per DP rank,
+    and the interleaved schedule's micro-batch count rule).
+    """
     tp, pp = layout.tp, layout.pp
     if world_size is not None and world_size != layout.world_size:
         raise ValueError(
             f"layout tp*pp*cp*dp = {tp}*{pp}*{layout.cp}*{layout.dp} = {layout.world_size} "
             f"does not match the world size {world_size}; change dp (or tp/pp/cp) to fit"
+        )
+    if gpus_per_node is not None and (tp > gpus_per_node or gpus_per_node % tp):
+        raise ValueError(
+            f"tp={tp} must divide the {gpus_per_node} GPUs per node: tensor parallelism "
+            "communicates every layer and must stay on one node's NVLink"
         )
     if arch.num_heads % tp:
         raise ValueError(f"tp={tp} does not divide num_attention_heads={arch.num_heads}")
@@ -85,8 +96,28 @@ def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None =
             f"pp={pp} x vpp={layout.vpp or 1} = {chunks} pipeline chunks do not divide "
             f"num_layers={arch.num_layers}"
         )
+    if global_batch is not None:
+        _check_batch(layout, global_batch, micro_batch_size)
     if seq_len is not None and seq_len % layout.seq_multiple:
         raise ValueError(
             f"sequence length {seq_len} is not a multiple of {layout.seq_multiple} "
             f"(2*cp{'*tp with sequence parallel' if layout.sequence_parallel else ''}); pad it"
+        )
+
+
+def _check_batch(layout: Layout, global_batch: int, micro_batch_size: int) -> None:
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    per_step = layout.dp * micro_batch_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"global batch {global_batch} is not a multiple of dp*micro_batch_size = "
+            f"{layout.dp}*{micro_batch_size}; change the batch, dp or the micro-batch size"
+        )
+    m = global_batch // per_step
+    # Megatron's interleaved schedule runs micro-batches in groups of pp per model chunk.
+    if layout.vpp is not None and (m < layout.pp or m % layout.pp):
+        raise ValueError(
+            f"{m} micro-batches per DP rank: the interleaved schedule (vpp={layout.vpp}) needs "
+            f"a multiple of pp={layout.pp}; change the batch or unset vpp"
         )
