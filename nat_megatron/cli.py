@@ -1,0 +1,166 @@
+"""Command line of the trainer: `python -m nat_megatron.train --config FILE [--dry-run] key=value ...`.
+
+The dry run checks a config and its parallel layout on CPU without weights or compute: the
+model's shape (preset, model.hf_config or hf_dir/config.json), the layout rules of
+parallel/layout.py at the world size the config expects, sequence-length divisibility and the
+batch split, then prints the resolved config (YAML), the layout and the tuner's memory estimate.
+Without --dry-run, `run(config)` of nat_megatron/train/trainer.py trains; started outside
+torchrun/srun, main first starts parallel.world_size local ranks (torchrun) running this command.
+Exit codes: 0 ok, 2 invalid config (one line naming the key, no traceback), 1 other failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_INVALID = 2
+
+# validate_layout's messages name the quantity they reject; map it to the config key.
+_LAYOUT_KEYS = (("layout tp*pp", "parallel.dp"), ("micro-batches per DP rank", "parallel.vpp"),
+                ("sequence length", "rollout.max_new_tokens"), ("global batch", "train.prompts_per_step"),
+                ("micro_batch_size", "parallel.micro_batch_size"), ("tp=", "parallel.tp"),
+                ("pp=", "parallel.pp"))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """--config FILE, --dry-run, and key.sub=value overrides."""
+    p = argparse.ArgumentParser(prog="python -m nat_megatron.train",
+                                description="GRPO/NAT RL training with Megatron-Core")
+    p.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate config and layout on CPU, print them, and exit")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override a config value, e.g. nat.budget=0.25 parallel.tp=2")
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides must look like key.sub=value, got {bad}")
+    return args
+
+
+def layout_key(message: str) -> str:
+    """The config key a validate_layout message is about."""
+    return next((key for text, key in _LAYOUT_KEYS if text in message), "parallel")
+
+
+def check(cfg) -> dict:
+    """Model- and layout-level checks of a valid config; returns what the dry run prints.
+
+    Raises ValueError naming the config key. The rules are validate_layout's (through the
+    tuner's check_layout, which adds the memory estimate); nothing is re-implemented here.
+    """
+    from nat_megatron.parallel.layout import validate_layout
+
+    arch = cfg.model.arch()
+    layout = cfg.parallel.layout()
+    p, seq_len = cfg.parallel, cfg.seq_len
+    if seq_len is not None and seq_len > arch.max_position_embeddings:
+        raise ValueError(f"rollout.max_new_tokens: prompt limit + generation limit = {seq_len} exceeds "
+                         f"the model's max_position_embeddings={arch.max_position_embeddings}; lower "
+                         "rollout.max_new_tokens or data.max_prompt_tokens")
+    kwargs = dict(world_size=p.world_size, seq_len=seq_len, global_batch=cfg.global_batch,
+                  micro_batch_size=p.micro_batch_size,
+                  gpus_per_node=p.gpus_per_node if cfg.train.device == "cuda" else None)
+    estimate = None
+    try:
+        validate_layout(arch, layout, **kwargs)
+        estimate = _estimate(cfg, arch, layout)
+    except ValueError as e:
+        raise ValueError(f"{layout_key(str(e))}: {e}") from None
+    return {"arch": arch, "layout": layout, "estimate": estimate}
+
+
+def _estimate(cfg, arch, layout):
+    """The tuner's memory/time estimate of this plan, or None if the tuner is unavailable."""
+    try:
+        from nat_megatron.tune import check_layout
+    except ImportError:
+        return None
+    seq_len = cfg.seq_len or cfg.rollout.max_new_tokens
+    return check_layout(arch, layout, seq_len=seq_len, response_len=cfg.rollout.max_new_tokens,
+                        global_batch=cfg.global_batch, micro_batch_size=cfg.parallel.micro_batch_size,
+                        nat=cfg.nat.scheme, budget=cfg.nat.budget, world_size=cfg.parallel.world_size,
+                        gpus_per_node=cfg.parallel.gpus_per_node,
+                        device="h100" if cfg.train.device == "cuda" else "cpu",
+                        distributed_optimizer=cfg.optim.distributed_optimizer)
+
+
+def dry_run(cfg) -> str:
+    """The dry run's report: resolved config, layout, micro-batching and the estimate."""
+    info = check(cfg)
+    arch, lay, est = info["arch"], info["layout"], info["estimate"]
+    m = cfg.global_batch // (lay.dp * cfg.parallel.micro_batch_size)
+    lines = ["# resolved config", cfg.to_yaml().rstrip(), "",
+             f"# model: {arch.family}, {arch.num_params() / 1e9:.3f} B parameters, "
+             f"{arch.num_layers} layers, {arch.num_heads} heads / {arch.num_kv_heads} KV heads",
+             f"# layout: tp={lay.tp} pp={lay.pp} vpp={lay.vpp} cp={lay.cp} dp={lay.dp} "
+             f"sequence_parallel={lay.sequence_parallel} (world size {lay.world_size})",
+             f"# step: {cfg.global_batch} sequences = {cfg.train.prompts_per_step} prompts x "
+             f"{cfg.rollout.group_size}; {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; "
+             f"max sequence {cfg.seq_len} tokens (multiple of {lay.seq_multiple} required)"]
+    if est is not None:
+        gb = est.memory.gb(2)
+        lines.append(f"# estimated training memory per {'GPU' if cfg.train.device == 'cuda' else 'process'} "
+                     f"(without the rollout engine): {gb.pop('total')} GB {gb}; fits: {est.fits}"
+                     + (f" ({est.why_not})" if est.why_not else ""))
+        lines.append(f"# estimated step time {est.time.step_s:.2f} s, "
+                     f"{est.time.tokens_per_s_per_gpu:.0f} tokens/s/GPU")
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        lines.append(f"# note: data.path {cfg.data.path} does not exist on this machine")
+    return "\n".join(lines)
+
+
+def launch(cfg, argv: list[str]) -> int | None:
+    """Make this process a rank of the job: None to train here, or the exit code of the local
+    ranks it started (torchrun) when run outside a distributed job."""
+    from nat_megatron.parallel.launch import in_distributed_job, relaunch, single_process_env
+
+    n = cfg.parallel.world_size
+    if in_distributed_job():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != n:
+            raise ValueError(f"parallel.world_size: the config expects {n} processes but this job "
+                             f"has WORLD_SIZE={world}; set parallel.world_size={world} or start {n}")
+        return None
+    if n == 1:
+        single_process_env()
+        return None
+    if cfg.train.device == "cuda" and n > cfg.parallel.gpus_per_node:
+        raise ValueError(f"parallel.world_size: {n} processes span several nodes; start them with "
+                         "torchrun or srun on every node (see the config file's header)")
+    return relaunch(n, ["-m", "nat_megatron.train", *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    from nat_megatron.config import load_config
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(dry_run(cfg), flush=True)
+            print("dry run OK", flush=True)
+            return 0
+    except ValueError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        from nat_megatron.train.trainer import run
+    except ImportError as e:
+        if "trainer" not in str(e) and "run" not in str(e):
+            raise
+        print("training is not available yet: nat_megatron.train.trainer.run is missing "
+              f"({e}); use --dry-run to check a config", file=sys.stderr)
+        return 1
+    try:
+        check(cfg)  # fail on a bad layout before any rank starts
+        code = launch(cfg, argv)
+    except ValueError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    return code if code is not None else (run(cfg) or 0)

@@ -1,0 +1,111 @@
+"""`python -m nat_megatron.train --dry-run`: every preset passes, bad layouts exit 2 naming the key."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nat_megatron.cli import main
+
+ROOT = Path(__file__).parents[1]
+PRESETS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+CPU = ROOT / "examples" / "configs" / "smollm2-135m-cpu.yaml"
+# Subprocess runs: the preset dry runs, plus one invalid layout (SmolLM2 has 3 KV heads).
+RUNS = {p.stem: [str(p)] for p in PRESETS}
+RUNS["bad-tp"] = [str(CPU), "parallel.tp=2", "parallel.pp=1"]
+
+
+@pytest.fixture(scope="module")
+def dry_runs():
+    """Start every dry run at once (each pays Python + torch start-up), then collect them."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = {name: subprocess.Popen([sys.executable, "-m", "nat_megatron.train", "--config", args[0],
+                                     "--dry-run", *args[1:]], cwd=ROOT, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, args in RUNS.items()}
+    return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("name", [p.stem for p in PRESETS])
+def test_preset_dry_run(dry_runs, name):
+    rc, out, err = dry_runs[name]
+    assert rc == 0, err
+    assert "dry run OK" in out and "# layout: tp=" in out and "nat:" in out
+
+
+def test_invalid_layout_exits_2_naming_the_key(dry_runs):
+    rc, out, err = dry_runs["bad-tp"]
+    assert rc == 2
+    assert "parallel.tp: tp=2 does not divide" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["parallel.world_size=3"], "parallel.dp: 'auto' needs tp*pp*cp = 2 to divide"),
+    (["parallel.pp=4"], "parallel"),  # 4 stages with world size 2
+    (["parallel.pp=1", "parallel.dp=1"], "parallel.dp: layout tp*pp*cp*dp"),
+    (["rollout.max_new_tokens=9000"], "rollout.max_new_tokens"),
+    (["parallel.vpp=3", "train.prompts_per_step=1", "rollout.group_size=1"], "parallel.vpp"),
+    (["nat.budget=2"], "nat.budget: must be in (0, 1]"),
+])
+def test_invalid_in_process(overrides, key, capsys):
+    assert main(["--config", str(CPU), "--dry-run", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invalid config: ") and key in err
+
+
+def test_sequence_divisibility(capsys):
+    cfg = ROOT / "examples" / "configs" / "qwen3-8b.yaml"
+    assert main(["--config", str(cfg), "--dry-run", "parallel.cp=2", "rollout.max_new_tokens=3071"]) == 2
+    assert "rollout.max_new_tokens: sequence length 4095" in capsys.readouterr().err
+
+
+def test_run_without_trainer(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "nat_megatron.train.trainer":
+            raise ModuleNotFoundError("No module named 'nat_megatron.train.trainer'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    assert main(["--config", str(CPU)]) == 1
+    assert "nat_megatron.train.trainer.run is missing" in capsys.readouterr().err
+
+
+def test_dry_run_reads_hf_dir_config_json(tmp_path, capsys):
+    import json
+
+    from tests.conftest import TINY
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY, model_type="qwen2")))
+    args = ["--config", str(CPU), "--dry-run", "model.preset=null", f"model.hf_dir={tmp_path}",
+            "data.max_prompt_tokens=128", "rollout.max_new_tokens=64"]
+    assert main([*args, "parallel.pp=1"]) == 0  # dp=2; 4 layers, 4 heads / 2 KV heads
+    assert "# model: qwen2" in capsys.readouterr().out
+    assert main([*args, "parallel.pp=1", "parallel.dp=1", "parallel.tp=2"]) == 0
+    assert main([*args, "parallel.pp=1", "parallel.dp=1", "parallel.tp=2",
+                 "parallel.sequence_parallel=true", "rollout.max_new_tokens=63"]) == 2
+    assert "rollout.max_new_tokens: sequence length 191" in capsys.readouterr().err
+    assert main([*args, "model.hf_dir=/nonexistent"]) == 2
+    assert "model.hf_dir: no config.json" in capsys.readouterr().err
+
+
+def test_run_inside_a_job(monkeypatch, capsys):
+    import types
+
+    calls = []
+    fake = types.ModuleType("nat_megatron.train.trainer")
+    fake.run = calls.append
+    monkeypatch.setitem(sys.modules, "nat_megatron.train.trainer", fake)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--config", str(CPU), "nat.budget=0.25"]) == 0
+    assert len(calls) == 1 and calls[0].nat.budget == 0.25
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--config", str(CPU)]) == 2 and len(calls) == 1
+    assert "parallel.world_size: the config expects 2 processes" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""The config tree: presets round-trip, overrides apply, bad keys and values name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nat_megatron.config import Config, apply_override, load_config
+from nat_megatron.nat.loss import LossConfig
+
+PRESETS = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
+CPU = next(p for p in PRESETS if p.name == "smollm2-135m-cpu.yaml")
+
+
+def test_presets_exist():
+    assert {p.stem for p in PRESETS} >= {"smollm2-135m-cpu", "qwen3-8b", "llama3.1-8b",
+                                         "qwen2.5-32b", "llama3.1-70b"}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    out = tmp_path / "saved.yaml"
+    out.write_text(cfg.to_yaml())
+    assert load_config(out) == cfg
+    assert cfg.parallel.layout().world_size == cfg.parallel.world_size
+
+
+def test_default_job():
+    cfg = load_config(CPU)
+    assert cfg.nat.scheme == "rpc" and cfg.nat.budget == 0.5
+    assert cfg.train.device == "cpu" and cfg.parallel.world_size == 2
+    assert isinstance(cfg.loss, LossConfig)
+    arch = cfg.model.arch()
+    assert (arch.num_layers, arch.num_heads, arch.num_kv_heads) == (30, 9, 3)
+
+
+def test_overrides():
+    cfg = load_config(CPU, ["nat.budget=0.25", "optim.lr=1e-5", "parallel.pp=1",
+                            "loss.aggregation=seq-mean-token-mean", "data.path=null",
+                            "model.hf_config.num_hidden_layers=4",
+                            "model.hf_config.model_type=llama", "model.hf_config.hidden_size=64",
+                            "model.hf_config.intermediate_size=128", "model.hf_config.vocab_size=300",
+                            "model.hf_config.num_attention_heads=4"])
+    assert cfg.nat.budget == 0.25 and cfg.optim.lr == 1e-5 and cfg.parallel.layout().dp == 2
+    assert cfg.loss.aggregation == "seq-mean-token-mean"
+    assert cfg.model.arch().num_layers == 4  # hf_config takes precedence over the preset
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nat.budget=1.5", "nat.budget: must be in (0, 1], got 1.5"),
+    ("nat.buget=0.5", "nat.buget: unknown key; did you mean nat.budget?"),
+    ("bogus.x=1", "bogus: unknown key"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("train.steps=2.5", "train.steps: expected an integer"),
+    ("parallel.sequence_parallel=1", "parallel.sequence_parallel: expected true or false"),
+    ("parallel.dp=many", "parallel.dp: must be an integer >= 1 or 'auto'"),
+    ("parallel.sequence_parallel=true", "parallel.sequence_parallel: layout sequence_parallel needs tp >= 2"),
+    ("nat.scheme=rpc+urs", None),
+    ("nat.scheme=bogus", "nat.scheme: use one of"),
+    ("nat.rpc_floor=0.1", None),
+    ("nat.rpc_floor=0.9", "nat.rpc_floor: must be in (0, budget=0.5]"),
+    ("loss.eps_low=2", "loss.eps_low"),
+    ("loss.aggregation=mean", "loss.aggregation"),
+    ("data.size=0", "data.size"),
+    ("reward.name=nope", "reward.name: unknown reward 'nope'"),
+    ("rollout.engine=sglang", "rollout.engine"),
+    ("model.dtype=bf16", "model.dtype: train.device=cpu trains in fp32"),
+    ("model.preset=gpt5", "model.preset: unknown preset"),
+    ("nat.budget", "expected key.sub=value"),
+    ("nat=3", "nat: must be a mapping"),
+])
+def test_bad_values_name_the_key(override, message):
+    if message is None:
+        load_config(CPU, [override])
+        return
+    with pytest.raises(ValueError) as err:
+        load_config(CPU, [override])
+    assert message in str(err.value)
+
+
+def test_otb_is_rejected_until_implemented():
+    from nat_megatron.config import otb_available
+
+    if otb_available():
+        assert load_config(CPU, ["advantage.estimator=otb"]).advantage.estimator == "otb"
+    else:
+        with pytest.raises(ValueError, match="advantage.estimator: 'otb'.*not available yet"):
+            load_config(CPU, ["advantage.estimator=otb"])
+
+
+def test_missing_model_and_bad_file(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"steps": 1}}))
+    with pytest.raises(ValueError, match="config: .*model"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_apply_override_nested():
+    d = {"a": {"b": 1}}
+    apply_override(d, "a.c.d=[1, 2]")
+    assert d == {"a": {"b": 1, "c": {"d": [1, 2]}}}
+    with pytest.raises(ValueError, match="a.b: is a value"):
+        apply_override(d, "a.b.c=1")
