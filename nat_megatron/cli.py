@@ -82,6 +82,7 @@ def _estimate(cfg, arch, layout):
     seq_len = cfg.seq_len or cfg.rollout.max_new_tokens
     return check_layout(arch, layout, seq_len=seq_len, response_len=cfg.rollout.max_new_tokens,
                         global_batch=cfg.global_batch, micro_batch_size=cfg.parallel.micro_batch_size,
+                        recompute=cfg.parallel.recompute,
                         nat=cfg.nat.scheme, budget=cfg.nat.budget, world_size=cfg.parallel.world_size,
                         gpus_per_node=cfg.parallel.gpus_per_node,
                         device="h100" if cfg.train.device == "cuda" else "cpu",

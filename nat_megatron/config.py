@@ -148,8 +148,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     micro_batch_size: int = 1  # sequences per micro-batch
     gpus_per_node: int = 8
+    recompute: str = "none"  # activation recompute: none | selective (MLP) | full (every layer)
 
     def __post_init__(self):
+        from nat_megatron.tune.constants import RECOMPUTE
+
+        _one_of("parallel.recompute", self.recompute, tuple(RECOMPUTE))
         _at_least(self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node")
         _check(self.dp == "auto" or (isinstance(self.dp, int) and self.dp >= 1), "parallel.dp",
                f"must be an integer >= 1 or 'auto', got {self.dp!r}")

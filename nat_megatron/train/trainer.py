@@ -85,7 +85,10 @@ class Trainer:
         return Path(path)
 
     def _build_model(self) -> list:
-        chunks = build_model(self.arch, self.layout, dtype=DTYPES[self.cfg.model.dtype])
+        from nat_megatron.tune.constants import RECOMPUTE  # the one recompute -> Megatron mapping
+
+        chunks = build_model(self.arch, self.layout, dtype=DTYPES[self.cfg.model.dtype],
+                             **RECOMPUTE[self.cfg.parallel.recompute])
         load_hf_weights(chunks, self.arch, HFReader(self.hf_dir))
         return wrap_ddp(chunks, use_distributed_optimizer=self.cfg.optim.distributed_optimizer)
 
