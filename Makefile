@@ -23,4 +23,4 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 run: venv
-	$(BIN)/python -m nat_megatron.smoke
+	$(BIN)/python -m nat_megatron.train --config examples/configs/smollm2-135m-cpu.yaml

@@ -236,7 +236,7 @@ class Trainer:
     def export_hf(self, out: str | Path) -> None:
         """Write the current weights as a Hugging Face directory (rank 0 writes; all ranks send)."""
         writer = HFWriter(out) if self.rank == 0 else None
-        for name, tensor in hf_weight_stream(self.model, self.arch, dst=0):
+        for name, tensor in hf_weight_stream(self.model, self.arch, engine_ranks=(0,)):
             if writer is not None:
                 writer.add(name, tensor)
         if writer is not None:
