@@ -12,7 +12,6 @@ samples, takes its data-parallel share, and draws the same NAT selection for eac
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 from pathlib import Path
 
@@ -258,10 +257,8 @@ class Trainer:
 
     def close(self) -> None:
         self.telemetry.close()
-        # vLLM tears its private process group down when the engine is collected; do that while
-        # torch.distributed is still up (at interpreter exit it would be too late).
-        self.engine = None
-        gc.collect()
+        if self.engine is not None:
+            self.engine.close()
         shutdown()
 
 

@@ -1,0 +1,1 @@
+"""Rollouts: the colocated vLLM engine and the trainer-to-engine weight sync."""
