@@ -148,8 +148,9 @@ def build_micro_batches(samples: Sequence[Sample], selection: Selection, *, aggr
     """Truncate every sample to its kept prefix and group the rows into MicroBatches.
 
     `selection` is `selection.sample(...)` over these samples' response lengths, in order.
-    pad_rows=True gives every micro-batch the same number of rows (zero-weight rows; needed by
-    the interleaved schedule, which uses one shape for the whole step).
+    pad_rows=True gives every micro-batch the same number of rows and, with num_micro_batches,
+    makes exactly that many micro-batches (zero-weight rows and micro-batches): the
+    interleaved schedule needs one shape for the whole step and a fixed micro-batch count.
     """
     _check(samples, selection, seq_multiple)
     cuts = selection.cut.tolist()
@@ -160,17 +161,21 @@ def build_micro_batches(samples: Sequence[Sample], selection: Selection, *, aggr
     plan = plan_micro_batches([n for _, n in rows], seq_multiple=seq_multiple,
                               num_micro_batches=num_micro_batches, max_tokens=max_tokens,
                               sort=sort)
+    if pad_rows and num_micro_batches is not None:  # the interleaved schedule's fixed count
+        plan += [[] for _ in range(num_micro_batches - len(plan))]
     full = selection.lengths
-    shares = [normaliser_count(full[[rows[r][0] for r in g]], aggregation) for g in plan]
+    shares = [normaliser_count(full[[rows[r][0] for r in g]], aggregation) if g else 0
+              for g in plan]
     shares[0] += normaliser_count(full, aggregation) - sum(shares)  # the skipped samples
     width = max(len(g) for g in plan) if pad_rows else 0
     out = []
     for group, share in zip(plan, shares):
-        s_pad = -(-max(rows[r][1] for r in group) // seq_multiple) * seq_multiple
-        members = [rows[r][0] if cuts[rows[r][0]] > 0 else None for r in group]
+        longest = max((rows[r][1] for r in group), default=1)
+        s_pad = -(-longest // seq_multiple) * seq_multiple
+        members = [rows[r][0] for r in group] if live else [None] * len(group)
         members += [None] * (width - len(members))
         out.append(_micro_batch(samples, selection, members, s_pad,
-                                prompt_only=rows[group[0]][0] if not live else None,
+                                prompt_only=rows[0][0] if group and not live else None,
                                 count=share))
     return out
 

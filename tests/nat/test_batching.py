@@ -191,3 +191,27 @@ def test_position_index_round_trip():
     assert torch.equal(grid != 0, mask)
     # Seq-major order: index p * b + i for position p of row i.
     assert torch.equal(grid.t().reshape(-1)[idx], values)
+
+
+def test_selected_count_pads_to_16_under_fp8():
+    from types import SimpleNamespace
+
+    from nat_megatron.model.output import selected_count_multiple
+    assert selected_count_multiple(SimpleNamespace(sequence_parallel=False, fp8=None)) == 1
+    assert selected_count_multiple(SimpleNamespace(sequence_parallel=False, fp8="hybrid")) == 16
+
+
+def test_pad_rows_keeps_the_micro_batch_count_when_samples_are_skipped():
+    samples = make_samples(6, seed=6)
+    sel = select(samples, budget=0.05)  # most cuts are 0
+    live = int((sel.cut > 0).sum())
+    assert live < 4
+    mbs = build_micro_batches(samples, sel, aggregation="seq-mean-token-mean", seq_multiple=2,
+                              num_micro_batches=4, pad_rows=True)
+    assert len(mbs) == 4 and len({mb.tokens.shape[0] for mb in mbs}) == 1
+    assert sum(mb.count for mb in mbs) == len(samples)
+    assert sum(int((mb.fields["response_pos"] == 1).sum()) for mb in mbs) == live
+    fn = nat_loss_fn(LossConfig(aggregation="seq-mean-token-mean"))
+    for mb in mbs:  # empty micro-batches still give a loss connected to the graph
+        loss_sum, _ = fn({"logprobs": torch.zeros(mb.tokens.shape, requires_grad=True)}, mb)
+        assert loss_sum.requires_grad

@@ -1,0 +1,77 @@
+"""NAT through Megatron: every layout gives the single-process loss and gradients (fp32).
+
+One launch per layout (PP2, CP2, TP2+SP, TP2xPP2, and PP2 interleaved) runs every check (tests/nat/workers.py:nat_checks): RPC (truncated
+compute, micro-batches of different lengths, some samples skipped at cut 0) and URS, both with
+the selected-position output layer; the selected logits against the full output path; and the
+same selection on every rank. The single-process run also checks that scheme "none" through
+batching + the NAT loss equals plain GRPO built without batching.py.
+"""
+
+import pytest
+import torch
+
+from tests.launcher import launch
+from tests.nat.workers import CHECKS
+
+LAYOUTS = {
+    "pp2": ({"pp": 2}, 2),
+    "cp2": ({"cp": 2}, 2),
+    "tp2_sp": ({"tp": 2, "sequence_parallel": True}, 2),
+    "tp2_pp2": ({"tp": 2, "pp": 2}, 4),
+    "pp2_vpp2": ({"pp": 2, "vpp": 2}, 2),  # one shape per step: rows and lengths padded
+}
+TOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close(got: dict, ref: dict, what: str):
+    assert abs(got["loss"] - ref["loss"]) <= TOL * abs(ref["loss"]), (what, got["loss"], ref["loss"])
+    assert got["grads"].keys() == ref["grads"].keys()
+    for k, g in got["grads"].items():
+        assert rel(g, ref["grads"][k]) <= TOL, f"{what}: grad {k} rel diff {rel(g, ref['grads'][k])}"
+
+
+def check_common(res: dict, nprocs: int):
+    assert len(res["selection_digests"]) == nprocs
+    assert len(set(res["selection_digests"])) == 1, res["selection_digests"]
+    assert res["shapes_equal"]
+    assert 0 in res["rpc_cuts"] and len(set(res["rpc_seq_lens"])) > 1, res  # skip + variety
+    sel = res["selected_vs_full"]
+    assert sel["positions"] > 0
+    assert sel["logits"] <= TOL and sel["logprobs"] <= TOL, sel
+    # Selected count padded to a multiple of 16 (FP8): zero-weight rows change nothing.
+    assert_close(res["rpc_pad16"], res["checks"]["rpc"], "selected count padded to 16")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_hf):
+    hf = tiny_hf("qwen3", True)
+    res = launch("tests.nat.workers:nat_checks", 1, layout={}, hf_dir=hf, plain=True)[0]
+    return hf, res
+
+
+@pytest.mark.dist
+def test_single_process(reference):
+    _, ref = reference
+    check_common(ref, 1)
+    for name in CHECKS:
+        assert ref["checks"][name]["loss"] != 0.0
+        assert any(g.abs().max() > 0 for g in ref["checks"][name]["grads"].values())
+    # scheme "none" through batching.py and nat_loss_fn is plain GRPO.
+    assert_close(ref["none"], ref["plain"], "none vs plain GRPO")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(reference, name):
+    hf, ref = reference
+    layout, nprocs = LAYOUTS[name]
+    got = launch("tests.nat.workers:nat_checks", nprocs, layout=layout, hf_dir=hf)[0]
+    check_common(got, nprocs)
+    # The selection does not depend on the layout (nor on the process).
+    assert got["selection_digests"][0] == ref["selection_digests"][0]
+    for check in CHECKS:
+        assert_close(got["checks"][check], ref["checks"][check], f"{name} {check}")

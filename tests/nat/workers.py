@@ -1,0 +1,189 @@
+"""NAT checks run on every rank by tests.launcher; results come back from global rank 0.
+
+One launch (one layout) runs every check on one process-group set-up and one DDP model:
+the selection hash on every rank, selected-position logits against the full output path, and
+the NAT loss and gradients for RPC (truncated compute + selected outputs) and URS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from nat_megatron.checkpoint.gather import gather_full
+from nat_megatron.checkpoint.hf_io import HFReader
+from nat_megatron.checkpoint.hf_mapping import load_hf_weights
+from nat_megatron.model.arch import ModelArch
+from nat_megatron.model import output as output_module
+from nat_megatron.model.build import build_model
+from nat_megatron.nat.loss import LossConfig, grpo_loss_sum, group_advantages
+from nat_megatron.nat.selection import sample, selection_generators
+from nat_megatron.parallel.distributed import init_distributed, shutdown
+from nat_megatron.parallel.layout import Layout
+from nat_megatron.train.batching import (KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn,
+                                         seq_multiple_for)
+from nat_megatron.train.forward_backward import MicroBatch, forward_backward
+from nat_megatron.train.optimizer import wrap_ddp
+from tests.parallel.workers import dist_rank0
+
+# (scheme, budget, aggregation): RPC skips some samples (cut 0) at this budget and seed.
+CHECKS = {
+    "rpc": ("rpc", 0.4, "token-mean"),
+    "urs": ("urs", 0.5, "seq-mean-token-mean"),
+    "rpc+urs": ("rpc+urs", 0.3, "seq-mean-token-sum"),
+}
+SEED, STEP = 11, 3
+
+
+def make_samples(n: int = 8, vocab: int = 300, seed: int = 0) -> list[Sample]:
+    """Deterministic rollout-like samples: prompts 3-8 tokens, responses 5-24, GRPO advantages."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.rand(n, generator=g)
+    adv = group_advantages(rewards, group_size=4)
+    out = []
+    for i in range(n):
+        P, T = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(5, 25, (1,), generator=g))
+        out.append(Sample(prompt=torch.randint(0, vocab, (P,), generator=g),
+                          response=torch.randint(0, vocab, (T,), generator=g),
+                          # around a random model's log p (~ -log 300): ratios clip both ways
+                          old_logprobs=-4.0 - 3.0 * torch.rand(T, generator=g),
+                          advantage=float(adv[i])))
+    return out
+
+
+def draw(samples, scheme, budget, order):
+    """The selection, drawn with the samples in `order` (per-sample generators), in sample order."""
+    lengths = torch.tensor([len(samples[i].response) for i in order])
+    sel = sample(scheme, budget, lengths, selection_generators(SEED, STEP, order))
+    inv = torch.argsort(torch.tensor(order))
+    T = int(sel.lengths.max())
+    return type(sel)(sel.mask[inv, :T], sel.prob[inv, :T], sel.cut[inv], sel.lengths[inv])
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _loss_and_grads(ddp, mbs, loss_fn, vocab, output_mask):
+    """Global loss (sum / count over the world) and full gradients on rank 0."""
+    for c in ddp:
+        c.zero_grad_buffer()
+    outs = forward_backward(ddp, mbs, loss_fn, vocab_size=vocab, output_mask=output_mask)
+    last = parallel_state.is_pipeline_last_stage()
+    contributes = last and parallel_state.get_tensor_model_parallel_rank() == 0
+    both = torch.zeros(2, dtype=torch.float64)
+    if contributes:
+        both += torch.stack([sum(o["loss_sum"] for o in outs).double(),
+                             sum(o["count"] for o in outs).double()])
+    dist.all_reduce(both)
+    return {"loss": float(both[0] / both[1]), "grads": gather_full(ddp, grads=True)}
+
+
+def _selected_vs_full(ddp, mbs, vocab) -> dict[str, float]:
+    """Max relative difference of logits and log-probs at kept positions, selected vs full."""
+    runs = [forward_backward(ddp, mbs, lambda st, mb: (st["logprobs"].sum() * 0, 0),
+                             vocab_size=vocab, forward_only=True, keep_logits=True,
+                             output_mask=m) for m in (None, KEPT_FIELD)]
+    if len(ddp) > 1:  # the interleaved schedule padded every micro-batch to the longest
+        mbs = [mb.pad_to(max(m.seq_len for m in mbs)) for mb in mbs]
+    diff = torch.zeros(3, dtype=torch.float64)  # logits, logprobs, number of compared positions
+    for mb, full, sel in zip(mbs, *runs):  # empty lists off the last stage
+        kept = mb.for_cp_rank().fields[KEPT_FIELD]
+        assert not sel["logits"][~kept].any()  # nothing computed off the selection
+        if not kept.any():  # e.g. a CP rank that holds only prompt positions of this one
+            continue
+        ref = full["logits"][kept]
+        diff[0] = max(diff[0], float((sel["logits"][kept] - ref).abs().max() / ref.abs().max()))
+        lp_ref = full["stats"]["logprobs"][kept]
+        diff[1] = max(diff[1], float((sel["stats"]["logprobs"][kept] - lp_ref).abs().max()
+                                     / lp_ref.abs().max()))
+        diff[2] += int(kept.sum())
+    d = diff[:2].clone()
+    dist.all_reduce(d, op=dist.ReduceOp.MAX)
+    n = diff[2:].clone()
+    dist.all_reduce(n)
+    return {"logits": float(d[0]), "logprobs": float(d[1]), "positions": int(n[0])}
+
+
+def plain_grpo(ddp, samples, vocab, cfg):
+    """Plain GRPO through Megatron, independent of batching.py: one full-length sample per
+    micro-batch, response log-probs sliced by hand, grpo_loss_sum."""
+    mbs = []
+    for i, s in enumerate(samples):
+        seq = torch.cat([s.prompt, s.response])
+        mbs.append(MicroBatch(tokens=seq[None, :-1], targets=seq[None, 1:], count=len(s.response),
+                              fields={"i": torch.full((1, len(seq) - 1), i)}))
+
+    def loss_fn(stats, mb):
+        s = samples[int(mb.fields["i"][0, 0])]
+        P, T = len(s.prompt), len(s.response)
+        lp = stats["logprobs"][:, P - 1:P - 1 + T]
+        loss, _ = grpo_loss_sum(lp, old_logprobs=s.old_logprobs[None], lengths=torch.tensor([T]),
+                                advantages=torch.tensor([s.advantage]), cfg=cfg)
+        return loss, mb.count
+
+    return _loss_and_grads(ddp, mbs, loss_fn, vocab, None)
+
+
+def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4):
+    """Every NAT check under one layout; a dict on global rank 0, None elsewhere."""
+    lay = Layout(**layout)
+    init_distributed(lay, seed=1234)
+    arch = ModelArch.from_hf_dir(hf_dir)
+    chunks = build_model(arch, lay)
+    load_hf_weights(chunks, arch, HFReader(hf_dir))
+    ddp = wrap_ddp(chunks, use_distributed_optimizer=False)
+    samples = make_samples()
+    n, multiple = len(samples), seq_multiple_for(lay)
+    result = {"checks": {}}
+
+    # Same selection on every rank, whatever order a rank draws it in.
+    rank = dist.get_rank()
+    order = list(range(n)) if rank % 2 == 0 else list(reversed(range(n)))
+    sels = {name: draw(samples, scheme, budget, order) for name, (scheme, budget, _) in CHECKS.items()}
+    mbs = {name: build_micro_batches(samples, sels[name], aggregation=agg, seq_multiple=multiple,
+                                     num_micro_batches=micro_batches,
+                                     pad_rows=lay.vpp is not None)
+           for name, (_, _, agg) in CHECKS.items()}
+    digest = _digest([t for name in CHECKS for t in (sels[name].mask, sels[name].prob,
+                                                     sels[name].cut)])
+    shapes = [[tuple(mb.tokens.shape) for mb in mbs[k]] for k in CHECKS]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (digest, shapes))
+    result["selection_digests"] = [d for d, _ in everyone]
+    result["shapes_equal"] = all(s == shapes for _, s in everyone)
+    result["rpc_cuts"] = sels["rpc"].cut.tolist()
+    result["rpc_seq_lens"] = [mb.seq_len for mb in mbs["rpc"]]
+
+    result["selected_vs_full"] = _selected_vs_full(ddp, mbs["rpc"], arch.vocab_size)
+    for name, (_, _, agg) in CHECKS.items():
+        cfg = LossConfig(aggregation=agg, seq_token_sum_constant=32.0
+                         if agg == "seq-mean-token-sum" else None)
+        result["checks"][name] = _loss_and_grads(ddp, mbs[name], nat_loss_fn(cfg),
+                                                 arch.vocab_size, KEPT_FIELD)
+    # FP8's multiple of 16 for the selected count (forced here: no Transformer Engine on CPU).
+    # The padding rows must change nothing.
+    plain_multiple = output_module.selected_count_multiple
+    output_module.selected_count_multiple = lambda config: math.lcm(plain_multiple(config), 16)
+    try:
+        result["rpc_pad16"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()),
+                                              arch.vocab_size, KEPT_FIELD)
+    finally:
+        output_module.selected_count_multiple = plain_multiple
+    if plain:  # scheme "none" through batching + NAT loss against plain GRPO
+        cfg = LossConfig()
+        none = build_micro_batches(samples, draw(samples, "none", 1.0, list(range(n))),
+                                   aggregation=cfg.aggregation, seq_multiple=multiple,
+                                   num_micro_batches=micro_batches)
+        result["none"] = _loss_and_grads(ddp, none, nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
+        result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
+    shutdown()
+    return result if dist_rank0() else None
