@@ -151,14 +151,18 @@ class Trainer:
             outs = forward_backward(self.model, micro_batches, nat_loss_fn(cfg.loss),
                                     vocab_size=self.arch.vocab_size, output_mask=KEPT_FIELD)
             loss, mismatch = self._reduce_last_stage(outs, micro_batches)
-            finite = math.isfinite(loss)
             grad_norm = float("nan")
+            finite = math.isfinite(loss)
             if finite:
-                _, grad_norm, _ = self.optimizer.step()
-                finite = grad_norm is None or math.isfinite(grad_norm)
-            self._count_skip(finite, loss, grad_norm)
+                # Megatron's fp32 optimizer steps on non-finite grads without checking: look at
+                # the global grad norm first (prepare_grads is idempotent; step() repeats it).
+                self.optimizer.prepare_grads()
+                grad_norm = float(self.optimizer.get_grad_norm())
+                finite = math.isfinite(grad_norm)
             if finite:
+                self.optimizer.step()
                 self.scheduler.step(increment=1)
+            self._count_skip(finite, loss, grad_norm)
         with tel.phase("sync"):
             sync_weights(self.model, self.arch, self.engine)
         self.step += 1
@@ -166,7 +170,7 @@ class Trainer:
         return {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "reward/accuracy": scores.accuracy,
                 "response/length_mean": n_tokens / max(len(completions), 1),
                 "nat/kept_fraction": selection.kept_fraction, "nat/weight_max": selection.weight_max,
-                "nat/weight_mean": selection.weight_mean, "loss": loss, "grad_norm": grad_norm or 0.0,
+                "nat/weight_mean": selection.weight_mean, "loss": loss, "grad_norm": grad_norm,
                 "logprob_mismatch/mean": mismatch[0], "logprob_mismatch/max": mismatch[1],
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens/generated": n_tokens}
 

