@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import importlib.util
 import math
 import types
 import typing
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from nat_megatron.data.dataset import DatasetConfig
+from nat_megatron.rewards.bingo import BingoConfig
 from nat_megatron.nat.loss import LossConfig
 from nat_megatron.nat.selection import SCHEMES
 from nat_megatron.parallel.layout import Layout
@@ -200,10 +200,12 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward function (rewards/registry.py) and its per-sample time limit."""
+    """Reward function (rewards/registry.py), its per-sample time limit, and the optional
+    Bingo significance-aware length reward added on top (rewards/bingo.py, nat.md §5)."""
 
     name: str = "math_verify"
     timeout: float = 5.0  # seconds per sample
+    bingo: BingoConfig = field(default_factory=BingoConfig)
 
     def __post_init__(self):
         from nat_megatron.rewards import available_rewards
@@ -213,22 +215,16 @@ class RewardConfig:
         _check(self.timeout > 0, "reward.timeout", f"must be > 0 seconds, got {self.timeout}")
 
 
-def otb_available() -> bool:
-    """Whether the Optimal Token Baseline (nat.md §4) is implemented (nat_megatron/nat/otb.py)."""
-    return importlib.util.find_spec("nat_megatron.nat.otb") is not None
-
-
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """Advantage estimator: group-normalised GRPO (scale std, or none = Dr. GRPO) or OTB."""
+    """Advantage estimator: group-normalised GRPO (scale std, or none = Dr. GRPO) or the
+    Optimal Token Baseline (nat/otb.py; per-token advantages, `scale` does not apply)."""
 
     estimator: str = "grpo"
     scale: str = "std"
 
     def __post_init__(self):
         _one_of("advantage.estimator", self.estimator, ADVANTAGES)
-        _check(self.estimator != "otb" or otb_available(), "advantage.estimator",
-               "'otb' (Optimal Token Baseline) is not available yet; use 'grpo'")
         _one_of("advantage.scale", self.scale, ADVANTAGE_SCALES)
 
 
@@ -352,6 +348,8 @@ class Config:
         if self.train.device == "cpu":
             _check(self.model.dtype == "fp32", "model.dtype",
                    "train.device=cpu trains in fp32; set model.dtype=fp32")
+        _check(self.loss.kl_beta == 0, "loss.kl_beta",
+               "the RL trainer has no KL-to-reference term yet (GRPO/NAT runs without it); set 0")
 
     @property
     def global_batch(self) -> int:

@@ -80,14 +80,23 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(err.value)
 
 
-def test_otb_is_rejected_until_implemented():
-    from nat_megatron.config import otb_available
-
-    if otb_available():
-        assert load_config(CPU, ["advantage.estimator=otb"]).advantage.estimator == "otb"
-    else:
-        with pytest.raises(ValueError, match="advantage.estimator: 'otb'.*not available yet"):
-            load_config(CPU, ["advantage.estimator=otb"])
+def test_otb_bingo_and_their_bad_values():
+    cfg = load_config(CPU, ["advantage.estimator=otb", "reward.bingo.enabled=true"])
+    assert cfg.advantage.estimator == "otb" and cfg.reward.bingo.scorer == "reference_proxy"
+    for override, message in [
+        ("advantage.estimator=gae", "advantage.estimator: use one of"),
+        ("reward.bingo.lambda_c=-1", "reward.bingo.lambda_c: must be >= 0"),
+        ("reward.bingo.lambda_we=-0.5", "reward.bingo.lambda_we: must be >= 0"),
+        ("reward.bingo.scorer=llmlingua3", "reward.bingo.scorer: unknown scorer"),
+        ("reward.bingo.scorer=hf_token_classifier", "reward.bingo.scorer_path"),
+        ("reward.bingo.lamda_c=1", "reward.bingo.lamda_c"),
+        ("loss.kl_beta=0.1", "loss.kl_beta"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(CPU, ["reward.bingo.enabled=true", override])
+    with pytest.raises(ValueError, match="reward.bingo.scorer_path: .*does not exist|reward.bingo.scorer_path"):
+        load_config(CPU, ["reward.bingo.enabled=true", "reward.bingo.scorer=hf_token_classifier",
+                          "reward.bingo.scorer_path=/no/such/dir"])
 
 
 def test_missing_model_and_bad_file(tmp_path):

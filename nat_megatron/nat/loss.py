@@ -106,7 +106,8 @@ def token_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     Inputs must already be finite everywhere (the callers zero the ignored positions).
     """
     ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(-1).to(logprobs.dtype)
+    # [B] sequence advantages broadcast over positions; [B, T] per-token ones (OTB) as given.
+    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(logprobs.dtype)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     loss = torch.maximum(unclipped, clipped)  # = -min(rho*A, clip(rho)*A)
@@ -175,7 +176,7 @@ def _loss_sum(logprobs, old_logprobs, advantages, mask, weights, lengths, cfg, r
         return None if x is None else torch.where(mask, x, torch.zeros_like(x))
 
     loss, ratio, clipped, k3 = token_objective(
-        keep(logprobs), keep(old_logprobs), advantages, cfg, ref_logprobs=keep(ref_logprobs),
+        keep(logprobs), keep(old_logprobs), advantages if advantages.dim() == 1 else keep(advantages), cfg, ref_logprobs=keep(ref_logprobs),
         entropy=keep(entropy))
     if weights is not None:
         loss = loss * weights  # weight exactly 1.0 leaves values and grads bitwise unchanged
@@ -225,8 +226,9 @@ def _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs
                     ("entropy", entropy)):
         if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != shape):
             raise ValueError(f"{name} must be a tensor of shape {shape} like logprobs")
-    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != shape[:1]:
-        raise ValueError(f"advantages must be a tensor of shape ({shape[0]},), one per response")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in (shape[:1], shape):
+        raise ValueError(f"advantages must be a tensor of shape ({shape[0]},), one per response, "
+                         f"or {shape}, one per response position (OTB)")
     if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != shape[:1] or (
             lengths.dtype.is_floating_point or lengths.dtype == torch.bool):
         raise ValueError(f"lengths must be an integer tensor of shape ({shape[0]},): full "

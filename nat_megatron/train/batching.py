@@ -22,7 +22,9 @@ Per-position fields ([b, s], position t predicts token t + 1), zero on padding:
   response_pos  j + 1 where position t predicts response token j (0: prompt or padding)
   old_logprobs  rollout log-prob of that response token     (ref_logprobs likewise, if given)
   kept, prob    Selection.mask / Selection.prob of that token
-  advantages    the sample's advantage; lengths: its FULL response length (both broadcast)
+  advantages    the token's advantage (a sequence advantage is broadcast over the response)
+  lengths       the sample's FULL response length (broadcast)
+  sample        1 + the sample's index in `samples` (0: padding), to map statistics back
 `count` is the micro-batch's share of the global normaliser from FULL response lengths
 (token-mean: response tokens; seq-mean modes: samples), skipped samples' shares included.
 
@@ -49,12 +51,15 @@ KEPT_FIELD = "kept"  # pass as forward_backward(output_mask=KEPT_FIELD) for the 
 
 @dataclass(frozen=True)
 class Sample:
-    """One rollout response: token ids, rollout log-probs [T] and its scalar advantage."""
+    """One rollout response: token ids, rollout log-probs [T] and its advantage.
+
+    advantage: a float (GRPO: one per response) or a float tensor [T] (OTB: one per token).
+    """
 
     prompt: torch.Tensor
     response: torch.Tensor
     old_logprobs: torch.Tensor
-    advantage: float
+    advantage: float | torch.Tensor
     ref_logprobs: torch.Tensor | None = None
 
 
@@ -185,10 +190,10 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
     b = len(members)
     tokens = torch.zeros(b, s_pad + 1, dtype=torch.long)  # + 1: the last target
     with_ref = samples[0].ref_logprobs is not None
-    names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths"]
+    names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample"]
     names += ["ref_logprobs"] if with_ref else []
     dtypes = {"response_pos": torch.long, KEPT_FIELD: torch.bool, "prob": torch.float64,
-              "lengths": torch.long}
+              "lengths": torch.long, "sample": torch.long}
     f = {k: torch.zeros(b, s_pad, dtype=dtypes.get(k, torch.float32)) for k in names}
     for r, i in enumerate(members):
         if i is None:
@@ -205,8 +210,12 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
         f["old_logprobs"][r, at] = smp.old_logprobs[:c].float()
         f[KEPT_FIELD][r, at] = selection.mask[i, :c]
         f["prob"][r, at] = selection.prob[i, :c]
-        f["advantages"][r] = float(smp.advantage)
+        if isinstance(smp.advantage, torch.Tensor):
+            f["advantages"][r, at] = smp.advantage[:c].float()
+        else:
+            f["advantages"][r] = float(smp.advantage)
         f["lengths"][r] = int(selection.lengths[i])
+        f["sample"][r] = i + 1
         if with_ref:
             f["ref_logprobs"][r, at] = smp.ref_logprobs[:c].float()
     return MicroBatch(tokens=tokens[:, :-1].clone(), targets=tokens[:, 1:].clone(), fields=f,
@@ -233,9 +242,8 @@ def nat_loss_fn(cfg: LossConfig):
         def grid(x):
             return x.new_zeros(x.shape[0], width + 1).scatter(1, col, x)[:, :width]
 
-        # Exact per-row scalars (a max over identical values, no rounding); 0 / 1 on empty rows.
-        adv = torch.where(on, f["advantages"], -math.inf).amax(1)
-        adv = torch.where(on.any(1), adv, torch.zeros_like(adv))
+        adv = grid(f["advantages"])  # per token; a sequence advantage is the same on every one
+        # Exact per-row scalar (a max over identical values, no rounding); 1 on empty rows.
         lengths = f["lengths"].amax(1).clamp(min=1)
         extra = {}
         if "ref_logprobs" in f:
@@ -272,6 +280,9 @@ def _check(samples, selection, seq_multiple):
             raise ValueError(f"samples[{i}].response has {len(smp.response)} tokens but "
                              f"selection.lengths[{i}] = {T}; draw the selection from the "
                              "response lengths")
+        if isinstance(smp.advantage, torch.Tensor) and tuple(smp.advantage.shape) != (T,):
+            raise ValueError(f"samples[{i}].advantage is a tensor of shape "
+                             f"{tuple(smp.advantage.shape)}; per-token advantages need shape ({T},)")
         for name in ("old_logprobs", "ref_logprobs"):
             x = getattr(smp, name)
             if name == "ref_logprobs" and (x is not None) != with_ref:
