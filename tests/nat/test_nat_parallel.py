@@ -60,6 +60,11 @@ def test_single_process(reference):
     for name in CHECKS:
         assert ref["checks"][name]["loss"] != 0.0
         assert any(g.abs().max() > 0 for g in ref["checks"][name]["grads"].values())
+    # The OTB proxy pass filled exactly the prefixes asked for, some beyond the RPC cuts.
+    st = ref["otb_stats"]
+    filled = (st["sum_p2"] > 0).sum(1)
+    assert torch.equal(filled, st["prefix"]), (filled, st["prefix"])
+    assert ref["otb"]["loss"] != 0.0
     # scheme "none" through batching.py and nat_loss_fn is plain GRPO.
     assert_close(ref["none"], ref["plain"], "none vs plain GRPO")
 
@@ -75,3 +80,7 @@ def test_layout_matches_single_process(reference, name):
     assert got["selection_digests"][0] == ref["selection_digests"][0]
     for check in CHECKS:
         assert_close(got["checks"][check], ref["checks"][check], f"{name} {check}")
+    # OTB: the proxy pass and the per-token-advantage loss match one process too.
+    for k in ("logprobs", "sum_p2"):
+        assert (got["otb_stats"][k] - ref["otb_stats"][k]).abs().max() <= TOL, (name, k)
+    assert_close(got["otb"], ref["otb"], f"{name} otb")

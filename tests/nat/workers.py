@@ -133,6 +133,33 @@ def plain_grpo(ddp, samples, vocab, cfg):
     return _loss_and_grads(ddp, mbs, loss_fn, vocab, None)
 
 
+def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
+    """OTB as the trainer does it: the forward-only proxy pass (token_stats) over the prefixes
+    the RPC selection needs (groups of 2), per-token advantages, then the NAT loss and grads."""
+    from dataclasses import replace
+
+    from nat_megatron.nat.otb import (logit_gradient_proxy, optimal_token_baseline, outcome_returns,
+                                      proxy_prefix_lengths)
+    from nat_megatron.train.token_stats import token_stats
+
+    n = len(samples)
+    group = torch.arange(n) // 2
+    last = (sel.mask * torch.arange(1, sel.mask.shape[1] + 1)).amax(1)
+    prefix = proxy_prefix_lengths(sel.lengths, last, group)
+    stats = token_stats(ddp, samples, prefix, layout=lay, vocab_size=vocab, micro_batch_size=2,
+                        sum_p2=True)
+    pos = torch.arange(stats["logprobs"].shape[1])[None]
+    mask = pos < sel.lengths[:, None]
+    proxy = torch.where(pos < prefix[:, None], logit_gradient_proxy(stats["logprobs"], stats["sum_p2"]), 0.0)
+    rewards = torch.tensor([float(s.advantage) for s in samples])
+    adv = optimal_token_baseline(outcome_returns(rewards, mask), proxy, mask, group)
+    otb = [replace(s, advantage=adv[i, :len(s.response)].clone()) for i, s in enumerate(samples)]
+    mbs = build_micro_batches(otb, sel, aggregation="token-mean", seq_multiple=seq_multiple_for(lay),
+                              num_micro_batches=micro_batches, pad_rows=lay.vpp is not None)
+    stats["prefix"] = prefix
+    return stats, _loss_and_grads(ddp, mbs, nat_loss_fn(LossConfig()), vocab, KEPT_FIELD)
+
+
 def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4):
     """Every NAT check under one layout; a dict on global rank 0, None elsewhere."""
     lay = Layout(**layout)
@@ -178,6 +205,8 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                                               arch.vocab_size, KEPT_FIELD)
     finally:
         output_module.selected_count_multiple = plain_multiple
+    result["otb_stats"], result["otb"] = _otb_check(ddp, samples, sels["rpc"], lay, arch.vocab_size,
+                                                    micro_batches)
     if plain:  # scheme "none" through batching + NAT loss against plain GRPO
         cfg = LossConfig()
         none = build_micro_batches(samples, draw(samples, "none", 1.0, list(range(n))),
