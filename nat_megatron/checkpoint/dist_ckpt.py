@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,10 @@ from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 from nat_megatron.checkpoint.gather import unwrap
 
 LATEST = "latest"
+# Fault injection for the kill-during-save test (tests/train/test_kill_resume.py): with this set
+# to N seconds, every save sleeps N s between writing `<name>.partial/` and renaming it, after
+# printing a line naming the partial directory, so a test can kill the job inside a save.
+FAULT_SAVE_DELAY_ENV = "NAT_MEGATRON_FAULT_SAVE_DELAY_S"
 # Optimizer state format: each rank saves and loads its own buffers with no gathering; the
 # optimizer state then reshards over DP only (model weights load at any layout).
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -62,9 +67,28 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _writer_results_dies_with_rank() -> None:
+    """Megatron's torch_dist writer keeps its results in a multiprocessing Manager, a spawned
+    server process per rank that would outlive a killed rank (kill -9, a hard job stop) as an
+    orphan. Start that Manager ourselves, with the rule the ranks follow: die with the parent."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        from nat_megatron.parallel.distributed import die_with_parent
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._results_manager = manager  # keep it alive with the module
+
+
 def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
                     extra: dict | None = None) -> Path:
     """Save model (+ optimizer, RNG, `extra` trainer state) atomically as `path`."""
+    _writer_results_dies_with_rank()
     final = Path(path)
     partial = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:
@@ -80,6 +104,11 @@ def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
     state["extra"] = extra or {}
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
+    delay = float(os.environ.get(FAULT_SAVE_DELAY_ENV) or 0)
+    if delay > 0:  # fault injection only (see FAULT_SAVE_DELAY_ENV)
+        if dist.get_rank() == 0:
+            print(f"fault injection: {FAULT_SAVE_DELAY_ENV}={delay}: sleeping in save of {partial}", flush=True)
+        time.sleep(delay)
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)

@@ -90,8 +90,8 @@ def read_examples(path: str | Path, layout: str = "auto", limit: int | None = No
             examples.append(result)
     if not examples:
         raise ValueError(
-            f"no usable rows in {path} with layout {chosen.name!r} (fields {chosen.prompt_field!r}, "
-            f"{chosen.answer_field!r}); skipped: {dict(skipped)}. Check data.layout and the file's fields"
+            f"data.path: no usable rows in {path} with layout {chosen.name!r} (fields {chosen.prompt_field!r}, "
+            f"{chosen.answer_field!r}); skipped: {dict(skipped)}. Check data.layout and the file's fields, or point data.path at another file"
         )
     return PromptDataset(examples, source=str(path), layout=chosen.name, skipped=skipped)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ from nat_megatron.parallel.layout import Layout
 
 def init_distributed(layout: Layout, *, seed: int = 1234, timeout_minutes: int = 30) -> None:
     """Join the job's process group (env:// from torchrun/srun) and build Megatron's groups."""
+    _die_with_launcher()
     cpu_compat.enable()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -33,6 +35,27 @@ def init_distributed(layout: Layout, *, seed: int = 1234, timeout_minutes: int =
         context_parallel_size=layout.cp,
     )
     set_seed(seed)
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() == 1:  # the parent died before we asked
+        os._exit(1)
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts every rank in a session of its own, so a kill -9 of the launcher (or of
+    a job step) would leave the ranks training on as orphans, still writing checkpoints. On
+    Linux, ask the kernel to kill this rank when its parent (torchrun's agent) dies."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
 
 
 def set_seed(seed: int) -> None:

@@ -343,11 +343,15 @@ class Trainer:
         dist.barrier()
 
     def _resume(self) -> None:
-        if self.cfg.checkpoint.resume == "never":
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
             return
-        path = latest_checkpoint(self.cfg.checkpoint.dir)
+        path = latest_checkpoint(self.cfg.checkpoint.dir) if resume == "auto" else Path(resume).expanduser()
         if path is None:
             return
+        if not (path / "metadata.json").is_file():
+            raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint (no metadata.json); "
+                             "give a step_NNNNNN directory that a finished save wrote, or 'auto'")
         extra = load_checkpoint(path, self.model, optimizer=self.optimizer)
         self.step, self.skipped_in_a_row = extra["step"], extra.get("skipped_in_a_row", 0)
         self.data.load_state_dict(extra["data"])
