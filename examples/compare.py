@@ -51,7 +51,7 @@ def arm_overrides(arm: Arm, out: Path, steps: int, seed: int, extra: list[str] =
     state is ~2.4 GB), shared extras, the arm's own, then the fixed run settings (later
     overrides win, so an arm always writes into its own folder)."""
     d = out / arm.name
-    return ["checkpoint.keep_last=1", *extra, *arm.overrides,
+    return ["checkpoint.keep_last=1", "checkpoint.export_hf=false", *extra, *arm.overrides,
             f"train.steps={steps}", f"train.seed={seed}",
             f"checkpoint.dir={d / 'checkpoints'}", "checkpoint.resume=never",
             f"telemetry.tensorboard_dir={d / 'tb'}"]

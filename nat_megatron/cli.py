@@ -32,12 +32,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate config and layout on CPU, print them, and exit")
+    p.add_argument("--export-hf", metavar="DIR",
+                   help="write the final weights as a Hugging Face model to DIR "
+                        "(same as checkpoint.export_hf=DIR)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override a config value, e.g. nat.budget=0.25 parallel.tp=2")
     args = p.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"overrides must look like key.sub=value, got {bad}")
+    if args.export_hf:
+        args.overrides.append(f"checkpoint.export_hf={args.export_hf}")
     return args
 
 

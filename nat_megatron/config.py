@@ -308,11 +308,18 @@ class CheckpointConfig:
     every: int = 100
     keep_last: int | None = 2  # None keeps all
     resume: str = "auto"
-    export_hf: bool = False  # also write an HF directory at the end
+    export_hf: bool | str = False  # write an HF directory at the end: true = <dir>/hf, or a path
+
+    def export_dir(self) -> Path | None:
+        """Where the end-of-run HF export goes, or None."""
+        if self.export_hf is False:
+            return None
+        return Path(self.dir) / "hf" if self.export_hf is True else Path(self.export_hf).expanduser()
 
     def __post_init__(self):
         _at_least(self, 1, "every", "keep_last")
         _check(bool(self.resume), "checkpoint.resume", "use 'auto', 'never' or a checkpoint path")
+        _check(self.export_hf != "", "checkpoint.export_hf", "use true, false or a directory path")
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,9 @@ def test_last_value_per_step_wins(tmp_path, compare):
 def test_arm_overrides_isolate_runs(tmp_path, compare):
     ov = compare.arm_overrides(compare.Arm("urs", ["nat.scheme=urs"]), tmp_path, steps=5, seed=3,
                                extra=["train.steps=99", "rollout.group_size=2"])
-    assert ov[:4] == ["checkpoint.keep_last=1", "train.steps=99", "rollout.group_size=2", "nat.scheme=urs"]
-    assert ov[4:] == ["train.steps=5", "train.seed=3", f"checkpoint.dir={tmp_path / 'urs' / 'checkpoints'}",
+    assert ov[:5] == ["checkpoint.keep_last=1", "checkpoint.export_hf=false", "train.steps=99",
+                      "rollout.group_size=2", "nat.scheme=urs"]
+    assert ov[5:] == ["train.steps=5", "train.seed=3", f"checkpoint.dir={tmp_path / 'urs' / 'checkpoints'}",
                       "checkpoint.resume=never", f"telemetry.tensorboard_dir={tmp_path / 'urs' / 'tb'}"]
 
 

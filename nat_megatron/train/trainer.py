@@ -381,8 +381,8 @@ class Trainer:
             self.telemetry.log_step(self.step, scalars)
             if self.step % every == 0 or self.step == self.cfg.train.steps:
                 self.save()
-        if self.cfg.checkpoint.export_hf:
-            self.export_hf(Path(self.cfg.checkpoint.dir) / "hf")
+        if self.cfg.checkpoint.export_dir() is not None:
+            self.export_hf(self.cfg.checkpoint.export_dir())
 
     def close(self) -> None:
         self.telemetry.close()

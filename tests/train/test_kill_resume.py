@@ -7,6 +7,8 @@ Four launches of the same command on a tiny random Llama (tests/train/conftest.p
      holds the save between writing step_000003.partial/ and renaming it);
   D  resumed with no fault: it must start from step_000002 (the last complete checkpoint, not
      the partial one) and finish; every step's loss and mean reward equal A's.
+The runs use OTB advantages and the Bingo length reward with the dynamic schedule, so their
+state (reference response statistics, the schedule) is part of what must resume exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests.launcher import ROOT  # noqa: E402
 from tests.train.workers import CONFIG, tiny_overrides  # noqa: E402
 
 STEPS = 4
-TAGS = ("loss", "reward/mean")
+TAGS = ("loss", "reward/mean", "bingo/lambda_we_prime")
 
 
 class Job:
@@ -125,6 +127,12 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_smollm2, tmp_path
     def args(run: Path, tb: str) -> list[str]:
         return tiny_overrides(tiny_smollm2, str(run), **{"train.steps": STEPS, "checkpoint.every": 1,
                                                           "checkpoint.keep_last": 3,
+                                                          # OTB and Bingo's dynamic schedule: their
+                                                          # state must resume exactly too
+                                                          "advantage.estimator": "otb",
+                                                          "reward.bingo.enabled": "true",
+                                                          "reward.bingo.start_step": 1,
+                                                          "reward.bingo.window": 2,
                                                           "telemetry.tensorboard_dir": str(run / tb)})
 
     a, b = tmp_path / "a", tmp_path / "b"

@@ -17,7 +17,7 @@ def tiny_overrides(hf_dir: str, tmp: str, **kw) -> list[str]:
     base = {"model.preset": "null", "model.hf_dir": hf_dir, "model.dtype": "fp32", "rollout.dtype": "fp32",
             "train.prompts_per_step": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 16,
             "rollout.kv_cache_gb": 0.25, "data.max_prompt_tokens": 128, "reward.name": NAME,
-            "optim.lr": 1e-3, "checkpoint.dir": f"{tmp}/ck", "telemetry.tensorboard_dir": f"{tmp}/tb"}
+            "optim.lr": 1e-3, "checkpoint.dir": f"{tmp}/ck", "checkpoint.export_hf": "false", "telemetry.tensorboard_dir": f"{tmp}/tb"}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 
