@@ -37,6 +37,10 @@ fi
 mkdir -p "$RUN_DIR"
 # Megatron needs one CUDA work queue so that communication kernels keep their issue order.
 : "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
+# Every rank gets its share of the cores (torchrun alone gives each one thread); on CPU the
+# rank's trainer and its rollout engine both use them.
+: "${OMP_NUM_THREADS:=$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}"
+export OMP_NUM_THREADS
 : "${PYTHONUNBUFFERED:=1}"
 export CUDA_DEVICE_MAX_CONNECTIONS PYTHONUNBUFFERED
 

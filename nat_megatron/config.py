@@ -28,6 +28,7 @@ from nat_megatron.rewards.bingo import BingoConfig
 from nat_megatron.nat.loss import LossConfig
 from nat_megatron.nat.selection import SCHEMES
 from nat_megatron.parallel.layout import Layout
+from nat_megatron.tune.constants import ROLLOUT_GPU_MEMORY_UTILIZATION
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
@@ -178,18 +179,33 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling of the group of responses per prompt."""
+    """The rollout engines and how they sample the group of responses per prompt.
+
+    Every rank holds a part of one vLLM engine of `tp` consecutive ranks (tensor parallel,
+    within a node): world_size / tp engines, each sampling its share of the step's prompts.
+    On GPU an engine may use `gpu_memory_utilization` of its GPU for weights, activations and
+    KV cache (or exactly `kv_cache_gb` of KV cache when set); it sleeps while the trainer
+    trains. On CPU `kv_cache_gb` sizes the KV cache (1 GiB when null). The trainer's weights
+    reach the engines in buckets of `sync_bucket_mb` after every step.
+    """
 
     engine: str = "vllm"
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
     group_size: int = 8
-    kv_cache_gb: float | None = None  # None: the engine's default share of free memory
+    tp: int = 1
+    gpu_memory_utilization: float = ROLLOUT_GPU_MEMORY_UTILIZATION
+    kv_cache_gb: float | None = None
+    sync_bucket_mb: float = 512.0
     dtype: str = "bf16"
 
     def __post_init__(self):
         _one_of("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        _at_least(self, 1, "tp")
+        _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",
+               f"must be in (0, 1), got {self.gpu_memory_utilization}")
+        _check(self.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
         _one_of("rollout.dtype", self.dtype, ("bf16", "fp32"))  # what rollout/engine.py takes
         _check(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
@@ -355,6 +371,17 @@ class Config:
         if self.train.device == "cpu":
             _check(self.model.dtype == "fp32", "model.dtype",
                    "train.device=cpu trains in fp32; set model.dtype=fp32")
+        world, dp = self.parallel.world_size, self.parallel.layout().dp
+        _check(world % self.rollout.tp == 0, "rollout.tp",
+               f"must divide parallel.world_size={world} (every rank belongs to one engine), "
+               f"got {self.rollout.tp}")
+        if self.train.device == "cuda":
+            _check(self.parallel.gpus_per_node % self.rollout.tp == 0, "rollout.tp",
+                   f"an engine's ranks share a node: use a divisor of parallel.gpus_per_node="
+                   f"{self.parallel.gpus_per_node}, got {self.rollout.tp}")
+        _check(self.train.prompts_per_step >= dp, "train.prompts_per_step",
+               f"each of the {dp} data-parallel replicas trains whole prompt groups: use at least "
+               f"{dp} prompts per step, got {self.train.prompts_per_step}")
         _check(self.loss.kl_beta == 0, "loss.kl_beta",
                "the RL trainer has no KL-to-reference term yet (GRPO/NAT runs without it); set 0")
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from nat_megatron.checkpoint.hf_mapping import global_name, tp_unshard
+from nat_megatron.checkpoint.hf_mapping import global_name, partition_dim, tp_unshard
 
 
 def unwrap(chunk):
@@ -34,7 +34,7 @@ def gather_full(chunks: list, *, grads: bool = False) -> dict[str, torch.Tensor]
             if tp > 1:
                 parts = [torch.empty_like(t) for _ in range(tp)]
                 dist.all_gather(parts, t.contiguous(), group=tp_group)
-                t = tp_unshard(name, parts, param)
+                t = tp_unshard(name, parts, partition_dim(param))
             local[global_name(model, name)] = t
     first_of_replica = (parallel_state.get_tensor_model_parallel_rank() == 0
                         and parallel_state.get_data_parallel_rank() == 0

@@ -58,7 +58,9 @@ class HFWriter:
         self.total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().contiguous().cpu()
+        # A copy: the tensor may be a view into a buffer that is reused (weight streaming), and
+        # safetensors refuses tensors that share storage.
+        t = tensor.detach().to("cpu", copy=True).contiguous()
         if self.pending and self.pending_bytes + t.nbytes > self.shard_bytes:
             self._flush()
         self.pending[name] = t

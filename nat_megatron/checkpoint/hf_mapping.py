@@ -133,14 +133,22 @@ def tp_shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_rank: 
     return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
-def tp_unshard(name: str, shards: list[torch.Tensor], param: torch.nn.Parameter) -> torch.Tensor:
-    """Inverse of tp_shard: the full tensor from every TP rank's shard, in rank order."""
-    if not getattr(param, "tensor_model_parallel", False) or len(shards) == 1:
+def partition_dim(param: torch.nn.Parameter) -> int | None:
+    """The dimension a Megatron parameter is split along over TP, or None if replicated."""
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def tp_unshard(name: str, shards: list[torch.Tensor], dim: int | None) -> torch.Tensor:
+    """Inverse of tp_shard: the full tensor from every TP rank's shard, in rank order.
+
+    `dim` is `partition_dim(param)`: None for a parameter replicated over TP.
+    """
+    if dim is None or len(shards) == 1:
         return shards[0]
     if name.endswith("linear_fc1.weight"):
         gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
         return torch.cat([*gates, *ups])
-    return torch.cat(shards, dim=param.partition_dim)
+    return torch.cat(shards, dim=dim)
 
 
 def global_name(chunk: torch.nn.Module, local_name: str) -> str:

@@ -30,6 +30,9 @@ Defensive floor (rpc_floor = lam): with probability lam keep the whole response,
 draw from the family above at the re-tuned budget (b - lam)/(1 - lam), so the expected kept
 fraction stays exactly b and every weight is at most 1/lam. lam > b cannot be reached.
 
+An empty response (T = 0) gets cut 0 and keeps nothing: it never reaches the model, and it
+adds 0 tokens (or, in the seq-mean aggregations, 1 response) to the loss normaliser.
+
 Determinism across ranks: pass `selection_generators(seed, step, sample_ids)` (one generator
 per response); each response then draws only from its own generator, so every rank holding a
 sample gets the same mask whatever the batch order or padding. A single generator draws the
@@ -241,9 +244,8 @@ def _check_lengths(lengths) -> torch.Tensor:
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must have an integer dtype (e.g. torch.long), "
                          f"got {lengths.dtype}")
-    if int(lengths.min()) < 1:
-        raise ValueError(f"lengths must all be >= 1, got min {int(lengths.min())}; "
-                         "drop empty responses before selection")
+    if int(lengths.min()) < 0:
+        raise ValueError(f"lengths must all be >= 0, got min {int(lengths.min())}")
     return lengths.long()
 
 

@@ -32,11 +32,24 @@ def in_distributed_job() -> bool:
     return "RANK" in os.environ
 
 
+def threads_per_rank(nprocs: int) -> int:
+    """This machine's cores (as far as this process may use them) shared out over nprocs ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // nprocs)
+
+
 def relaunch(nprocs: int, args: list[str]) -> int:
-    """Run `python <args>` as nprocs local ranks under torchrun; returns the exit code."""
+    """Run `python <args>` as nprocs local ranks under torchrun; returns the exit code.
+
+    Each rank gets cores/nprocs threads (torchrun alone would give every rank one thread):
+    the trainer and the rank's rollout engine (which reads OMP_NUM_THREADS) both use them.
+    An OMP_NUM_THREADS set by the user wins.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nprocs}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nprocs)))
+    return subprocess.call(cmd, env=env)
 
 
 def single_process_env() -> None:

@@ -61,6 +61,7 @@ class Scores:
     correct: list[bool]
     extracted: list[str | None]
     counts: Counter = field(default_factory=Counter)
+    statuses: list[str] = field(default_factory=list)  # per sample, like `rewards`
 
     @property
     def accuracy(self) -> float:
@@ -82,4 +83,5 @@ def score_batch(reward: str | RewardFn, completions: Sequence[str], answers: Seq
         correct=[s.correct for s in scores],
         extracted=[s.extracted for s in scores],
         counts=Counter(s.status for s in scores),
+        statuses=[s.status for s in scores],
     )

@@ -1,12 +1,15 @@
 """The RL trainer. One step, top to bottom (Trainer.train_step):
 
-    rollout -> rewards (+ Bingo length reward) -> advantages (GRPO, or OTB) -> NAT selection
+    rollout (every engine its share of the prompts) -> rewards (each sample scored once; + Bingo)
+    -> this replica's groups -> NAT selection -> advantages (GRPO, or OTB)
     -> truncated micro-batches -> Megatron forward/backward with the global normaliser
-    -> optimizer + LR step -> weight sync into the rollout engine
+    -> optimizer + LR step -> weight sync into every engine
 
-Rank 0 owns the colocated vLLM engine and samples for the whole batch; every rank receives the
-samples, takes its data-parallel share, and draws the same NAT selection for each sample from
-(seed, step, sample id). The rollout log-probs are the behaviour policy's (pi_old in nat.md).
+Every rank holds a part of a colocated vLLM engine (rollout.tp ranks per engine; on GPU it
+sleeps while the trainer trains). The samples of a prompt group go whole to one data-parallel
+replica (rollout/distribute.py); every rank of the replica draws the same NAT selection for
+each sample from (seed, step, sample index). The rollout log-probs are the behaviour policy's
+(pi_old in docs/nat.md).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -30,10 +34,13 @@ from nat_megatron.model.build import build_model
 from nat_megatron.nat.loss import group_advantages
 from nat_megatron.nat.otb import logit_gradient_proxy, optimal_token_baseline, outcome_returns, proxy_prefix_lengths
 from nat_megatron.nat.selection import Selection, sample, selection_generators
-from nat_megatron.parallel.distributed import init_distributed, shutdown
+from nat_megatron.parallel.distributed import cpu_group, init_distributed, replica_ranks, shutdown
 from nat_megatron.rewards.bingo import DynamicLambda, ReferenceLengths, bingo_bonus
 from nat_megatron.rewards.registry import score_batch
 from nat_megatron.rewards.significance import build_scorer, count_significant
+from nat_megatron.rollout.distribute import RolloutBatch, collect
+from nat_megatron.rollout.engine import SamplingConfig
+from nat_megatron.rollout.layout import EngineLayout, request_seed
 from nat_megatron.rollout.weight_sync import hf_weight_stream, sync_weights
 from nat_megatron.telemetry import Telemetry
 from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn
@@ -42,6 +49,11 @@ from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_
 from nat_megatron.train.token_stats import token_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _repeat(items: list, n: int) -> list:
+    """[a, b] -> [a]*n + [b]*n: a group's prompt for each of its responses."""
+    return [x for x in items for _ in range(n)]
 
 
 class Trainer:
@@ -74,13 +86,21 @@ class Trainer:
         bingo = cfg.reward.bingo
         self.bingo_lambda = DynamicLambda.from_config(bingo) if bingo.enabled else None
         self._resume()
+        # Rollout: this rank's engine, and which replica trains what (rollout/layout.py).
+        r = cfg.rollout
+        self.sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p,
+                                       max_new_tokens=r.max_new_tokens, n=r.group_size)
+        self.engines = EngineLayout(world=dist.get_world_size(), tp=r.tp)
+        self.replica_of = [None] * dist.get_world_size()
+        dist.all_gather_object(self.replica_of, parallel_state.get_data_parallel_rank(), group=cpu_group())
+        self.replica = self.replica_of[self.rank]
         self.engine = self._build_engine()
-        if bingo.enabled:  # the engine still holds the reference (initial) weights here
+        if bingo.enabled:  # the engines still hold the reference (initial) weights here
             self.scorer = build_scorer(bingo.scorer, bingo.scorer_path)
             self.ref_model = self._build_model(wrap=False) if bingo.scorer == "reference_proxy" else None
             self.ref_lengths = self._reference_lengths()
-        if self.step > 0:  # the engine starts from the HF weights: bring it to the checkpoint
-            sync_weights(self.model, self.arch, self.engine)
+        if self.step > 0:  # the engines start from the HF weights: bring them to the checkpoint
+            self.sync()
         self.telemetry = Telemetry(cfg.telemetry, total_steps=cfg.train.steps, start_step=self.step)
 
     # ----------------------------------------------------------------- set-up
@@ -110,59 +130,60 @@ class Trainer:
         return wrap_ddp(chunks, use_distributed_optimizer=self.cfg.optim.distributed_optimizer)
 
     def _build_engine(self):
-        if self.rank != 0:
-            return None
-        from nat_megatron.rollout.engine import RolloutEngine, SamplingConfig
+        """This rank's part of its rollout engine (every rank is in one; rollout/engine.py)."""
+        from nat_megatron.rollout.engine import RolloutEngine
 
         r = self.cfg.rollout
-        sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p,
-                                  max_new_tokens=r.max_new_tokens, n=r.group_size, seed=self.cfg.train.seed)
-        max_len = self.cfg.data.max_prompt_tokens + r.max_new_tokens
-        return RolloutEngine(str(self.hf_dir), sampling, dtype={"fp32": "float32", "bf16": "bfloat16"}[r.dtype],
-                             max_model_len=max_len, kv_cache_gib=r.kv_cache_gb or 1.0)
+        return RolloutEngine(str(self.hf_dir), tp=r.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[r.dtype],
+                             max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
+                             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
+                             seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------ the RL step
-    def rollout(self, prompts) -> list:
-        """Rank 0 samples group_size responses per prompt; every rank gets the result."""
-        groups = [None]
-        if self.rank == 0:
-            # A per-step seed: a resumed run samples exactly what the uninterrupted one did.
-            self.engine.sampling = dataclasses.replace(self.engine.sampling,
-                                                       seed=self.cfg.train.seed * 100_003 + self.step)
-            groups = [self.engine.generate([list(p.prompt_ids) for p in prompts])]
-        dist.broadcast_object_list(groups, src=0)
-        return groups[0]
+    def generate(self, prompts, *, step: int, sampling: SamplingConfig | None = None) -> list:
+        """This rank's engine samples its share of `prompts` (rollout/layout.py), each prompt
+        with its own seed: a resumed run samples exactly what the uninterrupted one did."""
+        share = self.engines.prompt_share(self.engines.engine_of(self.rank), len(prompts))
+        seeds = [request_seed(self.cfg.train.seed, step, i) for i in share]
+        return self.engine.generate([list(prompts[i].prompt_ids) for i in share],
+                                    sampling or self.sampling, seeds)
+
+    def score(self, prompts, prompt_indices: list[int], completions: list) -> list:
+        """(reward, correct, status) of each completion against its prompt's reference answer."""
+        if not completions:  # batch_decode([]) returns one empty text
+            return []
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        scores = score_batch(self.cfg.reward.name, texts, [prompts[i].answer for i in prompt_indices])
+        return [(float(r), bool(c), st) for r, c, st in zip(scores.rewards, scores.correct, scores.statuses)]
 
     def train_step(self) -> dict:
-        cfg, tel, G = self.cfg, self.telemetry, self.cfg.rollout.group_size
+        cfg, tel = self.cfg, self.telemetry
         prompts = self.data.next_batch()
         with tel.phase("rollout"):
-            groups = self.rollout(prompts)
-        completions = [c for g in groups for c in g]
-        answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
-        # Empty responses score but do not train; `index` maps a sample to its completion.
-        index = [i for i, c in enumerate(completions) if len(c.token_ids) > 0]
-        samples = [Sample(prompt=torch.tensor(prompts[i // G].prompt_ids),
-                          response=torch.tensor(completions[i].token_ids),
-                          old_logprobs=torch.tensor(completions[i].logprobs), advantage=0.0)
-                   for i in index]
-        extra = {}
+            t0 = time.perf_counter()
+            groups = self.generate(prompts, step=self.step)
+            dist.barrier(group=cpu_group())  # every engine done: the rollout's wall time
+            rollout_s = time.perf_counter() - t0
+            self.engine.sleep()  # GPU memory to the trainer until the weight sync
         with tel.phase("reward"):
-            texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-            scores = score_batch(cfg.reward.name, texts, answers)
-            rewards = torch.tensor(scores.rewards, dtype=torch.float32)
+            batch = collect(groups, prompts, layout=self.engines, replica=self.replica, replicas=self.layout.dp,
+                            replica_of=self.replica_of, group=cpu_group(),
+                            score=lambda idx, comps: self.score(prompts, idx, comps))
+            metrics = {}
             if cfg.reward.bingo.enabled:
-                rewards = rewards + self.bingo_bonus(prompts, completions, texts, samples, index, scores, extra)
+                batch.rewards = batch.rewards + self.bingo_bonus(batch, metrics)
+        samples = [Sample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(c.token_ids, dtype=torch.long),
+                          old_logprobs=torch.tensor(c.logprobs, dtype=torch.float32), advantage=0.0)
+                   for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)]
+        selection = self.select(batch)
         with tel.phase("advantage"):
-            samples = self.advantages(samples, index, rewards, extra)
-        # This DP rank's share; the selection of a sample is the same wherever it is drawn.
-        dp, dp_rank = self.layout.dp, parallel_state.get_data_parallel_rank()
-        mine = samples[dp_rank::dp]
-        selection = self.select(mine, list(range(len(samples)))[dp_rank::dp])
+            samples = self.advantages(batch, samples, selection, metrics)
+        num_micro = -(-len(samples) // cfg.parallel.micro_batch_size)
+        if self.layout.vpp:  # the interleaved schedule runs micro-batches in groups of pp
+            num_micro = -(-num_micro // self.layout.pp) * self.layout.pp
         micro_batches = build_micro_batches(
-            mine, selection, aggregation=cfg.loss.aggregation, seq_multiple=self.layout.seq_multiple,
-            num_micro_batches=-(-len(mine) // cfg.parallel.micro_batch_size),
-            pad_rows=self.layout.vpp is not None)
+            samples, selection, aggregation=cfg.loss.aggregation, seq_multiple=self.layout.seq_multiple,
+            num_micro_batches=num_micro, pad_rows=self.layout.vpp is not None)
         with tel.phase("train"):
             for chunk in self.model:
                 chunk.zero_grad_buffer()
@@ -184,41 +205,50 @@ class Trainer:
                 self.scheduler.step(increment=1)
             self._count_skip(finite, loss, grad_norm)
         with tel.phase("sync"):
-            sync_weights(self.model, self.arch, self.engine)
+            sync = self.sync()
         self.step += 1
-        n_tokens = sum(len(c.token_ids) for c in completions)
-        return {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "reward/accuracy": scores.accuracy,
-                "response/length_mean": n_tokens / max(len(completions), 1),
-                "nat/kept_fraction": tokens[0] / max(n_tokens, 1), "nat/weight_max": selection.weight_max,
-                "nat/weight_mean": selection.weight_mean, "loss": loss, "grad_norm": grad_norm,
+        n_tokens = int(batch.step_lengths.sum())
+        n_rewards, r_sum, r_sq, w_sum, w_kept = self._over_replicas(
+            len(batch.rewards), float(batch.rewards.sum()), float(batch.rewards.square().sum()),
+            float(selection.weights.sum()), selection.kept_tokens)
+        w_max = self._max_over_ranks(selection.weight_max)
+        r_mean = r_sum / max(n_rewards, 1)
+        r_std = math.sqrt(max(r_sq - n_rewards * r_mean ** 2, 0.0) / max(n_rewards - 1, 1))
+        return {"reward/mean": r_mean, "reward/std": r_std,
+                "reward/accuracy": float(batch.step_correct.float().mean()),
+                **{f"reward/status_{k}": v for k, v in sorted(batch.status.items())},
+                "response/length_mean": n_tokens / max(batch.step_lengths.numel(), 1),
+                "nat/kept_fraction": tokens[0] / max(n_tokens, 1), "nat/weight_max": w_max,
+                "nat/weight_mean": w_sum / max(w_kept, 1), "loss": loss, "grad_norm": grad_norm,
                 "logprob_mismatch/mean": mismatch[0], "logprob_mismatch/max": mismatch[1],
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens/generated": n_tokens,
-                "tokens/kept": tokens[0], "tokens/forward": tokens[1], **extra}
+                "tokens/kept": tokens[0], "tokens/forward": tokens[1],
+                "rollout/tokens_per_s": n_tokens / max(rollout_s, 1e-9),
+                "sync/gb": sync["bytes"] / 1024**3, **metrics}
 
-    def select(self, samples: list[Sample], ids: list[int]) -> Selection:
-        """The NAT selection of `samples` (step-wide indices `ids`): the same on every rank."""
-        nat = self.cfg.nat
-        options = {k: v for k, v in (("rpc_floor", nat.rpc_floor), ("urs_budget", nat.urs_budget))
-                   if v is not None}
-        lengths = torch.tensor([len(s.response) for s in samples])
-        gens = selection_generators(self.cfg.train.seed, self.step, [self.step * 1_000_000 + i for i in ids])
-        return sample(nat.scheme, nat.budget, lengths, gens, **options)
+    def select(self, batch: RolloutBatch) -> Selection:
+        """The NAT selection of this replica's samples, drawn from (seed, step, step-wide sample
+        index): the same on every rank that holds a sample, whatever the layout."""
+        nat, G = self.cfg.nat, batch.group_size
+        lengths = torch.tensor([len(c.token_ids) for c in batch.completions])
+        ids = [p_index * G + k for p_index in batch.prompt_index for k in range(G)]
+        gens = selection_generators(self.cfg.train.seed, self.step, ids)
+        return sample(nat.scheme, nat.budget, lengths, gens, **nat.options())
 
-    def advantages(self, samples: list[Sample], index: list[int], rewards: torch.Tensor,
-                   extra: dict) -> list[Sample]:
+    def advantages(self, batch: RolloutBatch, samples: list[Sample], selection: Selection,
+                   metrics: dict) -> list[Sample]:
         """GRPO: one group-normalised advantage per response. OTB (nat/otb.py): one per token.
 
-        OTB's baseline needs every group member's logit-gradient proxy on the positions any
-        member keeps (nat/otb.py, "NAT rule"): one forward-only pass of the policy over those
-        prefixes, all ranks getting the result. The behaviour log-probs stay the engine's.
+        Groups are whole on a replica, so both are computed from this replica's samples. OTB's
+        baseline needs every group member's logit-gradient proxy on the positions any member
+        keeps (nat/otb.py, "NAT rule"): one forward-only pass of the policy over those prefixes.
+        The behaviour log-probs stay the engine's.
         """
-        G = self.cfg.rollout.group_size
         if self.cfg.advantage.estimator == "grpo":
-            adv = group_advantages(rewards, G, scale=self.cfg.advantage.scale)
-            return [dataclasses.replace(s, advantage=float(adv[i])) for s, i in zip(samples, index)]
-        lengths = torch.tensor([len(s.response) for s in samples])
-        group = torch.tensor([i // G for i in index])
-        kept = self.select(samples, list(range(len(samples)))).mask
+            adv = group_advantages(batch.rewards, batch.group_size, scale=self.cfg.advantage.scale)
+            return [dataclasses.replace(s, advantage=float(a)) for s, a in zip(samples, adv)]
+        lengths, group = selection.lengths, batch.group_index
+        kept = selection.mask
         last_kept = (kept * torch.arange(1, kept.shape[1] + 1)).amax(1)
         prefix = proxy_prefix_lengths(lengths, last_kept, group)
         stats = token_stats(self.model, samples, prefix, layout=self.layout, vocab_size=self.arch.vocab_size,
@@ -226,68 +256,101 @@ class Trainer:
         pos = torch.arange(stats["logprobs"].shape[1])[None]
         mask = pos < lengths[:, None]
         proxy = torch.where(pos < prefix[:, None], logit_gradient_proxy(stats["logprobs"], stats["sum_p2"]), 0.0)
-        adv = optimal_token_baseline(outcome_returns(rewards[index], mask), proxy, mask, group)
-        extra["otb/proxy_tokens"] = int(prefix.sum())
-        extra["otb/advantage_abs_mean"] = float(adv.abs()[mask].mean())
+        adv = optimal_token_baseline(outcome_returns(batch.rewards, mask), proxy, mask, group)
+        proxy_tokens, abs_sum, n_valid = self._over_replicas(
+            int(prefix.sum()), float(adv.abs()[mask].sum()), int(mask.sum()))
+        metrics["otb/proxy_tokens"] = int(proxy_tokens)
+        metrics["otb/advantage_abs_mean"] = abs_sum / max(n_valid, 1)
         return [dataclasses.replace(s, advantage=adv[j, :len(s.response)].clone()) for j, s in enumerate(samples)]
 
-    def bingo_bonus(self, prompts, completions, texts, samples, index, scores, extra) -> torch.Tensor:
-        """Bingo's significance-aware length reward (rewards/bingo.py) for every completion."""
-        b, G = self.cfg.reward.bingo, self.cfg.rollout.group_size
+    def bingo_bonus(self, batch: RolloutBatch, metrics: dict) -> torch.Tensor:
+        """Bingo's significance-aware length reward (rewards/bingo.py) for this replica's samples."""
+        b = self.cfg.reward.bingo
         ref_lps = None
         if self.ref_model is not None:  # the reference policy's log-probs of every response
+            samples = [Sample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(c.token_ids, dtype=torch.long),
+                              old_logprobs=torch.zeros(len(c.token_ids)), advantage=0.0)
+                       for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)]
             lengths = torch.tensor([len(s.response) for s in samples])
             lp = token_stats(self.ref_model, samples, lengths, layout=self.layout,
                              vocab_size=self.arch.vocab_size,
                              micro_batch_size=self.cfg.parallel.micro_batch_size)["logprobs"]
-            ref_lps = [torch.zeros(0)] * len(completions)
-            for j, i in enumerate(index):
-                ref_lps[i] = lp[j, :len(samples[j].response)]
-        keep = self.scorer.keep_probs(texts, [c.token_ids for c in completions], ref_lps)
+            ref_lps = [lp[j, :n] for j, n in enumerate(lengths.tolist())]
+        texts = self.tokenizer.batch_decode([c.token_ids for c in batch.completions], skip_special_tokens=True)
+        keep = self.scorer.keep_probs(texts, [c.token_ids for c in batch.completions], ref_lps)
         n_sig, n_insig = count_significant(keep, b.threshold)
-        ref_sig, ref_insig = self.ref_lengths.get([self.prompt_key[p.uid] for p in prompts for _ in range(G)])
-        lam = self.bingo_lambda.update(self.step + 1, scores.accuracy)
-        bonus = bingo_bonus(torch.tensor(scores.correct), n_sig, n_insig, ref_sig, ref_insig,
+        keys = [self.prompt_key[p.uid] for p in _repeat(batch.prompts, batch.group_size)]
+        ref_sig, ref_insig = self.ref_lengths.get(keys)
+        accuracy = float(batch.step_correct.float().mean())
+        lam = self.bingo_lambda.update(self.step + 1, accuracy)
+        bonus = bingo_bonus(batch.correct, n_sig, n_insig, ref_sig, ref_insig,
                             lambda_c=b.lambda_c, lambda_wn=b.lambda_wn, lambda_we=b.lambda_we,
                             lambda_we_prime=lam)
-        extra.update({"bingo/bonus_mean": float(bonus.mean()), "bingo/lambda_we_prime": lam,
-                      "bingo/significant_mean": float(n_sig.float().mean()),
-                      "bingo/insignificant_mean": float(n_insig.float().mean()),
-                      "reward/correctness_mean": float(torch.tensor(scores.rewards).mean())})
+        n, bonus_sum, sig_sum, insig_sum, corr_sum = self._over_replicas(
+            len(bonus), float(bonus.sum()), float(n_sig.sum()), float(n_insig.sum()), float(batch.rewards.sum()))
+        metrics.update({"bingo/bonus_mean": bonus_sum / max(n, 1), "bingo/lambda_we_prime": lam,
+                        "bingo/significant_mean": sig_sum / max(n, 1),
+                        "bingo/insignificant_mean": insig_sum / max(n, 1),
+                        "reward/correctness_mean": corr_sum / max(n, 1)})
         return bonus
 
     def _reference_lengths(self) -> ReferenceLengths:
         """Significant / insignificant token counts of the reference model's response to every
-        prompt this run will see, measured once (one sampled response per prompt) while the
-        engine holds the initial weights, and kept in checkpoint.dir for resumed runs."""
+        prompt this run will see, measured once (one sampled response per prompt, spread over
+        the engines) while the engines hold the initial weights, kept in checkpoint.dir."""
         path = Path(self.cfg.checkpoint.dir) / "bingo_reference.json"
-        refs = [None]
+        ahead = copy.deepcopy(self.data)  # the prompts of the remaining steps, in order
+        prompts = {}
+        for _ in range(self.step, self.cfg.train.steps):
+            for p in ahead.next_batch():
+                prompts[self.prompt_key[p.uid]] = p
+        ref = ReferenceLengths.load(path) if path.is_file() else ReferenceLengths()
+        dist.barrier(group=cpu_group())  # everyone has read the file before rank 0 rewrites it
+        missing = ref.missing(list(prompts))
+        if not missing:
+            return ref
         if self.rank == 0:
-            ahead = copy.deepcopy(self.data)  # the prompts of the remaining steps, in order
-            prompts = {}
-            for _ in range(self.step, self.cfg.train.steps):
-                for p in ahead.next_batch():
-                    prompts[self.prompt_key[p.uid]] = p
-            ref = ReferenceLengths.load(path) if path.is_file() else ReferenceLengths()
-            missing = ref.missing(list(prompts))
-            if missing:
-                print(f"bingo: reference responses for {len(missing)} prompts", flush=True)
-                sampling = self.engine.sampling
-                self.engine.sampling = dataclasses.replace(sampling, n=1, seed=self.cfg.train.seed + 7)
-                outs = [g[0] for g in self.engine.generate([list(prompts[k].prompt_ids) for k in missing])]
-                self.engine.sampling = sampling
-                texts = self.tokenizer.batch_decode([c.token_ids for c in outs], skip_special_tokens=True)
-                # The engine's sampled log-probs are the reference policy's (initial weights).
-                keep = self.scorer.keep_probs(texts, [c.token_ids for c in outs],
-                                              [torch.tensor(c.logprobs) for c in outs])
-                n_sig, n_insig = count_significant(keep, self.cfg.reward.bingo.threshold)
-                for k, s, i in zip(missing, n_sig.tolist(), n_insig.tolist()):
-                    ref.add(k, s, i)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                ref.save(path)
-            refs = [ref]
-        dist.broadcast_object_list(refs, src=0)
-        return refs[0]
+            print(f"bingo: reference responses for {len(missing)} prompts", flush=True)
+        todo = [prompts[k] for k in missing]
+        outs = [g[0] for g in self.generate(todo, step=-1, sampling=dataclasses.replace(self.sampling, n=1))]
+        share = self.engines.prompt_share(self.engines.engine_of(self.rank), len(todo))
+        counts = []
+        if self.rank == self.engines.ranks(self.engines.engine_of(self.rank))[0]:
+            texts = self.tokenizer.batch_decode([c.token_ids for c in outs], skip_special_tokens=True)
+            # The engine's sampled log-probs are the reference policy's (initial weights).
+            keep = self.scorer.keep_probs(texts, [c.token_ids for c in outs], [torch.tensor(c.logprobs) for c in outs])
+            n_sig, n_insig = count_significant(keep, self.cfg.reward.bingo.threshold)
+            counts = [(missing[i], s, n) for i, s, n in zip(share, n_sig.tolist(), n_insig.tolist())]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, counts, group=cpu_group())
+        for part in gathered:
+            for k, s, n in part:
+                ref.add(k, s, n)
+        if self.rank == 0:
+            ref.save(path)
+        return ref
+
+    def sync(self) -> dict:
+        """The trainer's weights into every engine (woken for it on GPU); seconds and bytes."""
+        self.engine.wake_up(["weights"])
+        out = sync_weights(self.model, self.arch, self.engine,
+                           bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 1024**2))
+        self.engine.wake_up(["kv_cache"])
+        return out
+
+    def _over_replicas(self, *values) -> list[float]:
+        """Sums over data-parallel replicas of per-replica numbers (each replica counted once,
+        by its first rank), on every rank."""
+        lead = self.rank == replica_ranks()[0]
+        t = torch.tensor([float(v) if lead else 0.0 for v in values], dtype=torch.float64)
+        dist.all_reduce(t, group=cpu_group())
+        return t.tolist()
+
+    @staticmethod
+    def _max_over_ranks(value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
+        return float(t)
 
     def _reduce_last_stage(self, outs, micro_batches) -> tuple[float, tuple[float, float], tuple[int, int]]:
         """Global loss (sum / global normaliser), engine-vs-trainer log-prob gap, and the
@@ -306,14 +369,14 @@ class Trainer:
                 # The positions the stats describe: padded as under interleaving, this CP rank's.
                 mb = (mb.pad_to(longest) if self.layout.vpp else mb).for_cp_rank()
                 kept = mb.fields[KEPT_FIELD]
-                diff = (o["stats"]["logprobs"] - mb.fields["old_logprobs"]).abs()[kept]
+                diff = (o["stats"]["logprobs"].cpu() - mb.fields["old_logprobs"]).abs()[kept]
                 s[2] += float(diff.sum())
                 s[3] += diff.numel()
                 s[4] += int((mb.fields["response_pos"] > 0).sum())  # response tokens fed forward
                 s[5] = max(float(s[5]), float(diff.max()) if diff.numel() else 0.0)
         peak = s[5:].clone()
-        dist.all_reduce(s[:5])
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        dist.all_reduce(s[:5], group=cpu_group())
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=cpu_group())
         return (float(s[0] / s[1].clamp(min=1)), (float(s[2] / s[3].clamp(min=1)), float(peak)),
                 (int(s[3]), int(s[4])))
 
@@ -364,7 +427,7 @@ class Trainer:
     def export_hf(self, out: str | Path) -> None:
         """Write the current weights as a Hugging Face directory (rank 0 writes; all ranks send)."""
         writer = HFWriter(out) if self.rank == 0 else None
-        for name, tensor in hf_weight_stream(self.model, self.arch, engine_ranks=(0,)):
+        for name, tensor in hf_weight_stream(self.model, self.arch, to=0):
             if writer is not None:
                 writer.add(name, tensor)
         if writer is not None:

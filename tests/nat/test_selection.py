@@ -171,7 +171,7 @@ BAD = [
     (("random", 0.5, LENGTHS), {}, "scheme"),
     (("urs", 0.5, LENGTHS[None]), {}, "1-D"),
     (("urs", 0.5, LENGTHS.float()), {}, "integer dtype"),
-    (("urs", 0.5, torch.tensor([3, 0])), {}, ">= 1"),
+    (("urs", 0.5, torch.tensor([3, -1])), {}, ">= 0"),
     (("urs", 0.5, torch.tensor([], dtype=torch.long)), {}, "non-empty"),
     (("urs", 0.5, [3, 4]), {}, "lengths"),
     (("urs", 0.5, LENGTHS), {"urs_fixedcount": True}, "urs_fixedcount"),
@@ -197,3 +197,14 @@ def test_bad_generator_list_and_bad_floor_in_closed_form():
         sample("urs", 0.5, LENGTHS, selection_generators(0, 0, range(3)))
     with pytest.raises(ValueError, match="rpc_floor"):
         rpc_inclusion_prob(LENGTHS, 0.3, floor=0.4)
+
+
+@pytest.mark.parametrize("scheme,budget", [("none", 1.0), ("urs", 0.5), ("rpc", 0.5), ("rpc+urs", 0.5)])
+def test_empty_response_keeps_nothing(scheme, budget):
+    lengths = torch.tensor([0, 5, 0])
+    sel = sample(scheme, budget, lengths, selection_generators(0, 1, range(3)))
+    assert sel.cut[0] == 0 and sel.cut[2] == 0
+    assert not sel.mask[0].any() and not sel.mask[2].any()
+    assert sel.total_tokens == 5
+    everything_empty = sample(scheme, budget, torch.tensor([0, 0]), selection_generators(0, 1, range(2)))
+    assert everything_empty.kept_tokens == 0 and everything_empty.cut.tolist() == [0, 0]

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import time
-import zlib
 
 import torch
-import torch.distributed as dist
 
-from nat_megatron.rollout.engine import RolloutEngine, SamplingConfig, logprob_mismatch
+from nat_megatron.rollout.engine import RolloutEngine, SamplingConfig
 
-ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_gb=0.25)
+
+
+def logprob_mismatch(engine_logprobs: list[list[float]], trainer_logprobs: list[torch.Tensor]) -> dict:
+    """Mean and max |engine - trainer| over the same sampled tokens."""
+    a = torch.tensor([x for row in engine_logprobs for x in row], dtype=torch.float64)
+    b = torch.cat([torch.as_tensor(t, dtype=torch.float64).reshape(-1) for t in trainer_logprobs])
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = (a - b).abs()
+    return {"mean_abs": diff.mean().item(), "max_abs": diff.max().item()}
 
 
 def hf_token_logprobs(model, prompts, groups) -> list[torch.Tensor]:
@@ -35,13 +42,13 @@ def engine_vs_hf(*, hf_dir: str, prompts: list[list[int]], max_new_tokens: int) 
 
     res = {}
     t = time.perf_counter()
-    engine = RolloutEngine(hf_dir, SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, n=2,
-                                                  seed=0), **ENGINE)
+    engine = RolloutEngine(hf_dir, **ENGINE)
     res["init_s"] = time.perf_counter() - t
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    engine.generate(prompts)  # first call warms up
+    sampling, seeds = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, n=2), [0, 1]
+    engine.generate(prompts, sampling, seeds)  # first call warms up
     t = time.perf_counter()
-    base = engine.generate(prompts)
+    base = engine.generate(prompts, sampling, seeds)
     res["gen_s"] = time.perf_counter() - t
     res["gen_tokens"] = sum(len(c.token_ids) for g in base for c in g)
     res["finish"] = sorted({c.finish_reason for g in base for c in g})
@@ -56,88 +63,12 @@ def engine_vs_hf(*, hf_dir: str, prompts: list[list[int]], max_new_tokens: int) 
     t = time.perf_counter()
     engine.update_weights((k, v) for k, v in hf.state_dict().items() if k != "lm_head.weight")
     res["update_s"] = time.perf_counter() - t
-    pert = engine.generate(prompts)
+    pert = engine.generate(prompts, sampling, seeds)
     res["perturbed"] = logprob_mismatch(engine_lps(pert), hf_token_logprobs(hf, prompts, pert))
 
     engine.update_weights(original.items())
-    again = engine.generate(prompts)
+    again = engine.generate(prompts, sampling, seeds)
     res["restored_tokens_equal"] = [c.token_ids for g in again for c in g] == [c.token_ids for g in base for c in g]
-    res["restored"] = logprob_mismatch(engine_lps(again), engine_lps(base))
+    res["restored"] = logprob_mismatch(engine_lps(again), [torch.tensor(x) for x in engine_lps(base)])
+    engine.close()
     return res
-
-
-def _perturb(chunks) -> None:
-    """Deterministic multiplicative noise keyed by global name (tied copies get the same)."""
-    from nat_megatron.checkpoint.hf_mapping import global_name
-
-    with torch.no_grad():
-        for chunk in chunks:
-            for local, p in chunk.named_parameters():
-                name = global_name(chunk, local)
-                if name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
-                    name = "embedding.word_embeddings.weight"
-                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
-
-
-def _megatron_logprobs(chunks, arch, seqs: list[list[int]]) -> list[torch.Tensor] | None:
-    """Per-position log p(next token) of each sequence, on every rank."""
-    from megatron.core import parallel_state
-
-    from nat_megatron.train.forward_backward import MicroBatch, forward_backward
-
-    mbs = []
-    for s in seqs:
-        tok = torch.tensor([s])
-        tgt = torch.cat([tok[:, 1:], tok[:, :1]], dim=1)
-        mbs.append(MicroBatch(tokens=tok, targets=tgt, count=1))
-    outs = forward_backward(chunks, mbs, lambda st, mb: (st["logprobs"].sum(), mb.count),
-                            vocab_size=arch.vocab_size, forward_only=True)
-    last = parallel_state.is_pipeline_last_stage()
-    result = []
-    for i, s in enumerate(seqs):
-        buf = outs[i]["stats"]["logprobs"][0].float().clone() if last else torch.zeros(len(s))
-        dist.all_reduce(buf)  # only the last stage contributes
-        result.append(buf)
-    return result
-
-
-def pp2_sync(*, hf_dir: str, prompts: list[list[int]], max_new_tokens: int) -> dict | None:
-    """SmolLM2 in Megatron at PP2, perturbed, synced into an engine on rank 0; compare log-probs."""
-    from nat_megatron.checkpoint.hf_io import HFReader
-    from nat_megatron.checkpoint.hf_mapping import load_hf_weights
-    from nat_megatron.model.arch import ModelArch
-    from nat_megatron.model.build import build_model
-    from nat_megatron.parallel.distributed import init_distributed, shutdown
-    from nat_megatron.parallel.layout import Layout
-    from nat_megatron.rollout.weight_sync import sync_weights
-
-    lay = Layout(pp=2)
-    init_distributed(lay, seed=1234)
-    arch = ModelArch.from_hf_dir(hf_dir)
-    chunks = build_model(arch, lay)
-    load_hf_weights(chunks, arch, HFReader(hf_dir))
-    for c in chunks:
-        c.eval()
-    rank0 = dist.get_rank() == 0
-    engine = None
-    if rank0:
-        engine = RolloutEngine(hf_dir, SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens,
-                                                      seed=0), **ENGINE)
-    dist.barrier()
-    before = engine.generate(prompts) if rank0 else None
-    _perturb(chunks)
-    sync_s = sync_weights(chunks, arch, engine)
-    after = engine.generate(prompts) if rank0 else None
-    box = [before, after]
-    dist.broadcast_object_list(box, src=0)
-    before, after = box
-    res = {"sync_s": sync_s}
-    for key, groups in (("stale", before), ("synced", after)):
-        seqs = [p + g[0].token_ids for p, g in zip(prompts, groups)]
-        lps = _megatron_logprobs(chunks, arch, seqs)
-        mine = [lp[len(p) - 1:len(s) - 1] for lp, p, s in zip(lps, prompts, seqs)]
-        res[key] = logprob_mismatch(engine_lps(groups), mine)
-        res[key + "_tokens"] = sum(len(s) - len(p) for s, p in zip(seqs, prompts))
-    shutdown()
-    return res if rank0 else None

@@ -17,7 +17,12 @@ TINY_LLAMA = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_
                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
-def make_tiny_smollm2(path: Path, seed: int = 0) -> str:
+# Wider and deeper: most of its bytes are outside the (largest) embedding tensor, so a weight
+# sync that held the whole model at once could not hide inside a one-bucket memory bound.
+WIDE = dict(num_hidden_layers=8, intermediate_size=8192)
+
+
+def make_tiny_smollm2(path: Path, seed: int = 0, **shape) -> str:
     """Save a random tiny Llama (fp32 safetensors) plus SmolLM2's tokenizer files in `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,7 +30,7 @@ def make_tiny_smollm2(path: Path, seed: int = 0) -> str:
     from nat_megatron.model.smollm2 import ensure_smollm2
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, dtype="float32")).to(torch.float32)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **shape}, dtype="float32")).to(torch.float32)
     with torch.no_grad():  # random norms: a mapping mistake cannot hide behind ones
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -42,3 +47,8 @@ def make_tiny_smollm2(path: Path, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def tiny_smollm2(tmp_path_factory) -> str:
     return make_tiny_smollm2(tmp_path_factory.mktemp("tiny_smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_wide(tmp_path_factory) -> str:
+    return make_tiny_smollm2(tmp_path_factory.mktemp("tiny_smollm2_wide"), **WIDE)

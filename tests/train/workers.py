@@ -46,14 +46,15 @@ def megatron_logprobs(chunks, arch, seqs: list[list[int]]) -> list[torch.Tensor]
 
 
 def engine_logprobs(engine, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """The vLLM engine's prompt log-probs of each sequence's tokens 1..n-1 (teacher forcing)."""
+    """The vLLM engine's prompt log-probs of each sequence's tokens 1..n-1 (teacher forcing).
+    Every rank of the engine must call it with the same sequences."""
     from vllm import SamplingParams
 
-    from nat_megatron.rollout.engine import _without_torch_function_modes
+    from nat_megatron import patches
 
     engine.llm.reset_prefix_cache()
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    with _without_torch_function_modes():
+    with patches.vllm_inside_trainer():
         outs = engine.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
     return [torch.tensor([step[t].logprob for t, step in zip(s[1:], o.prompt_logprobs[1:])], dtype=torch.float64)
             for s, o in zip(seqs, outs)]
@@ -77,40 +78,76 @@ def _mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(torch.cat([x - y for x, y in zip(a, b)]).abs().mean())
 
 
-def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict) -> dict | None:
-    """Train `steps` steps of the tiny model with vLLM rollouts, then compare the engine's
-    log-probs of fixed sequences with the trainer's Megatron forward (engine on rank 0)."""
+def _proc_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def sync_memory(trainer) -> dict:
+    """This rank's peak extra resident memory during one weight sync, measured by the kernel:
+    the peak-RSS mark (VmHWM) is reset (/proc/self/clear_refs 5) just before the sync."""
+    import gc
+
+    from nat_megatron.rollout.weight_sync import MiB
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_kb("VmRSS")
+    trainer.sync()
+    extra = (_proc_kb("VmHWM") - before) * 1024
+    params = {n: p for c in trainer.model for n, p in c.named_parameters()}
+    own = sum(p.numel() * p.element_size() for p in params.values())
+    arch = trainer.arch
+    h, f, v = arch.hidden_size, arch.ffn_hidden_size, arch.padded_vocab_size
+    largest = max(v * h, 2 * f * h) * 4  # fp32: the embedding or a full linear_fc1
+    # The full tensor reassembled from TP shards by a copy (fc1's [gate_r; up_r], fc2's columns).
+    converted = 2 * f * h * 4 if trainer.layout.tp > 1 else 0
+    return {"sync_extra_bytes": extra, "bucket_bytes": int(trainer.cfg.rollout.sync_bucket_mb * MiB),
+            "largest_param_bytes": largest, "converted_bytes": converted,
+            "model_bytes": arch.num_params() * 4, "own_trainer_bytes": own}
+
+
+def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: dict | None = None) -> dict:
+    """Train `steps` steps of the tiny model with vLLM rollouts; after every step compare each
+    engine's log-probs of fixed sequences with the trainer's Megatron forward. Every rank
+    returns its own figures (its engine's)."""
     import tests.train.rewards  # noqa: F401  (registers the test reward before the config checks it)
     from nat_megatron.config import load_config
     from nat_megatron.train.trainer import Trainer
 
     over = tiny_overrides(hf_dir, tmp, **{f"parallel.{k}": v for k, v in parallel.items()},
+                          **{f"rollout.{k}": v for k, v in (rollout or {}).items()},
                           **{"train.steps": steps, "checkpoint.every": 1000})
     cfg = load_config(CONFIG, over)
     trainer = Trainer(cfg)
     try:
-        rank0 = dist.get_rank() == 0
         seqs = fixed_sequences(trainer.tokenizer)
-        for c in trainer.model:
-            c.eval()
-        init_mg = megatron_logprobs(trainer.model, trainer.arch, seqs)
-        init_engine = engine_logprobs(trainer.engine, seqs) if rank0 else None
-        scalars = []
-        for c in trainer.model:
-            c.train()
+
+        def compare() -> tuple[list, list]:
+            for c in trainer.model:
+                c.eval()
+            mg = megatron_logprobs(trainer.model, trainer.arch, seqs)
+            for c in trainer.model:
+                c.train()
+            return mg, engine_logprobs(trainer.engine, seqs)
+
+        init_mg, init_engine = compare()
+        scalars, synced = [], []
         for _ in range(steps):
             out = trainer.train_step()
             scalars.append({k: float(out[k]) for k in ("loss", "grad_norm", "reward/mean", "reward/std",
-                                                       "logprob_mismatch/mean")})
-        for c in trainer.model:
-            c.eval()
-        final_mg = megatron_logprobs(trainer.model, trainer.arch, seqs)
-        final_engine = engine_logprobs(trainer.engine, seqs) if rank0 else None
-        if not rank0:
-            return None
-        return {"scalars": scalars, "tokens": sum(len(s) - 1 for s in seqs),
+                                                       "logprob_mismatch/mean", "tokens/generated")})
+            mg, eng = compare()
+            synced.append(_mean_abs(eng, mg))
+        final_mg, final_engine = mg, eng
+        memory = sync_memory(trainer)
+        return {"rank": dist.get_rank(), "engine": trainer.engines.engine_of(dist.get_rank()), **memory,
+                "scalars": scalars, "tokens": sum(len(s) - 1 for s in seqs),
                 "init_engine_vs_megatron": _mean_abs(init_engine, init_mg),
-                "synced": _mean_abs(final_engine, final_mg),
+                "synced": synced,
                 "synced_max": float(torch.cat([x - y for x, y in zip(final_engine, final_mg)]).abs().max()),
                 "trained_vs_initial": _mean_abs(final_mg, init_mg),
                 "engine_trained_vs_initial": _mean_abs(final_engine, init_engine)}

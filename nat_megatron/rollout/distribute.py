@@ -1,0 +1,157 @@
+"""A step's rollouts, from the engines that sampled them to the replicas that train on them.
+
+    groups = engine.generate(...)                      # this engine's share (rollout/layout.py)
+    batch = collect(groups, prompts, score=..., ...)   # this replica's RolloutBatch
+
+Every sample is scored exactly once: the ranks of an engine hold the same samples and split
+the scoring between them. The scores and response lengths (a few numbers per sample) are
+gathered on every rank, which is what the step's metrics and the balanced assignment of groups
+to data-parallel replicas need. The tokens and log-probs travel only to the ranks that train
+on them: one all-to-all over the gloo world, sent by the first rank of each engine.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from nat_megatron.rollout.engine import Completion
+from nat_megatron.rollout.layout import EngineLayout, assign_groups
+
+FINISH = ("stop", "length", "abort")  # finish reasons, sent as their index
+
+
+@dataclass
+class RolloutBatch:
+    """The step's rollouts as one data-parallel replica sees them.
+
+    `prompts[j]` and `completions[j*G:(j+1)*G]` are this replica's j-th group (ascending step
+    order); `rewards`/`correct` follow `completions`. `step_*` describe every sample of the step,
+    in step order (prompt i's responses at i*G..i*G+G-1), the same on every rank.
+    """
+
+    prompts: list
+    prompt_index: list[int]  # each group's prompt position in the step
+    completions: list[Completion]
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    group_size: int
+    step_rewards: torch.Tensor
+    step_correct: torch.Tensor
+    step_lengths: torch.Tensor
+    status: Counter = field(default_factory=Counter)
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        """The local group of each completion (0..len(prompts)-1)."""
+        return torch.arange(len(self.completions)) // self.group_size
+
+
+Score = tuple[float, bool, str]  # reward, correct, status
+
+
+def collect(groups: Sequence[list[Completion]], prompts: Sequence, *, layout: EngineLayout,
+            replica: int, replicas: int, replica_of: Sequence[int],
+            score: Callable[[list[int], list[Completion]], list[Score]],
+            group: dist.ProcessGroup) -> RolloutBatch:
+    """This replica's RolloutBatch from this engine's `groups` (a collective over `group`).
+
+    groups: the completions of this rank's engine, for its share of `prompts` (the step's
+    prompts, the same on every rank). replica_of[r]: the data-parallel replica of global rank r.
+    score(prompt_indices, completions) -> one Score per completion.
+    """
+    rank = dist.get_rank()
+    engine = layout.engine_of(rank)
+    share = layout.prompt_share(engine, len(prompts))
+    if len(groups) != len(share):
+        raise ValueError(f"engine {engine} sampled {len(groups)} groups for {len(share)} prompts")
+    G = len(groups[0]) if groups else 0
+    flat = [(i, c) for i, g in zip(share, groups) for c in g]
+    # This rank's part of the engine's samples: every tp-th one.
+    local = rank - layout.ranks(engine)[0]
+    part = flat[local::layout.tp]
+    ids = [i * len(g) + k for i, g in zip(share, groups) for k in range(len(g))][local::layout.tp]
+    scored = list(zip(ids, score([i for i, _ in part], [c for _, c in part])))
+    lengths = {i: [len(c.token_ids) for c in g] for i, g in zip(share, groups)} if local == 0 else {}
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (scored, lengths, G), group=group)
+
+    G = max(g for _, _, g in gathered)
+    n = len(prompts) * G
+    rewards, correct = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    step_lengths = torch.zeros(n, dtype=torch.long)
+    status = Counter()
+    for scores, lens, _ in gathered:
+        for j, (r, ok, st) in scores:
+            rewards[j], correct[j] = r, ok
+            status[st] += 1
+        for i, ls in lens.items():
+            step_lengths[i * G:(i + 1) * G] = torch.tensor(ls)
+    prompt_tokens = torch.tensor([len(p.prompt_ids) for p in prompts])
+    group_tokens = (step_lengths.view(-1, G) + prompt_tokens[:, None]).sum(1)
+    owner = assign_groups(group_tokens.tolist(), replicas)
+    mine = route(groups, share, owner, layout=layout, replica_of=replica_of, group=group)
+    take = torch.tensor([i * G + k for i in sorted(mine) for k in range(G)], dtype=torch.long)
+    return RolloutBatch(prompts=[prompts[i] for i in sorted(mine)], prompt_index=sorted(mine),
+                        completions=[c for i in sorted(mine) for c in mine[i]],
+                        rewards=rewards[take], correct=correct[take], group_size=G,
+                        step_rewards=rewards, step_correct=correct, step_lengths=step_lengths,
+                        status=status)
+
+
+def route(groups: Sequence[list[Completion]], share: range, owner: Sequence[int], *,
+          layout: EngineLayout, replica_of: Sequence[int], group: dist.ProcessGroup
+          ) -> dict[int, list[Completion]]:
+    """Send each group from its engine's first rank to every rank of its owner replica.
+
+    Returns {prompt index: completions} of the groups this rank's replica trains on.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sends = [[] for _ in range(world)]
+    if rank == layout.ranks(layout.engine_of(rank))[0]:
+        for i, g in zip(share, groups):
+            packed = _pack(i, g)
+            for dst in range(world):
+                if replica_of[dst] == owner[i]:
+                    sends[dst].append(packed)
+    payload = [torch.cat(s) if s else torch.zeros(0, dtype=torch.float64) for s in sends]
+    counts_out = torch.tensor([len(p) for p in payload], dtype=torch.long)
+    counts_in = torch.empty_like(counts_out)
+    dist.all_to_all_single(counts_in, counts_out, group=group)
+    received = torch.empty(int(counts_in.sum()), dtype=torch.float64)
+    dist.all_to_all_single(received, torch.cat(payload), output_split_sizes=counts_in.tolist(),
+                           input_split_sizes=counts_out.tolist(), group=group)
+    return _unpack(received)
+
+
+def _pack(index: int, group: list[Completion]) -> torch.Tensor:
+    """[index, G, then per completion: T, finish, T token ids, T log-probs] as float64 (exact
+    for token ids and for the engine's fp32 log-probs)."""
+    parts = [torch.tensor([index, len(group)], dtype=torch.float64)]
+    for c in group:
+        parts.append(torch.tensor([len(c.token_ids), FINISH.index(c.finish_reason)], dtype=torch.float64))
+        parts.append(torch.tensor(c.token_ids, dtype=torch.float64))
+        parts.append(torch.tensor(c.logprobs, dtype=torch.float64))
+    return torch.cat(parts)
+
+
+def _unpack(flat: torch.Tensor) -> dict[int, list[Completion]]:
+    out, at = {}, 0
+    values = flat.tolist()
+    while at < len(values):
+        index, n = int(values[at]), int(values[at + 1])
+        at += 2
+        group = []
+        for _ in range(n):
+            T, finish = int(values[at]), int(values[at + 1])
+            at += 2
+            tokens = [int(t) for t in values[at:at + T]]
+            logprobs = values[at + T:at + 2 * T]
+            at += 2 * T
+            group.append(Completion(token_ids=tokens, logprobs=logprobs, finish_reason=FINISH[finish]))
+        out[index] = group
+    return out
