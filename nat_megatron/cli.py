@@ -66,20 +66,44 @@ def check(cfg) -> dict:
         raise ValueError(f"rollout.max_new_tokens: prompt limit + generation limit = {seq_len} exceeds "
                          f"the model's max_position_embeddings={arch.max_position_embeddings}; lower "
                          "rollout.max_new_tokens or data.max_prompt_tokens")
+    t = cfg.rollout.tp
+    if arch.num_heads % t or (arch.num_kv_heads % t and t % arch.num_kv_heads):
+        raise ValueError(f"rollout.tp: {t} must divide num_attention_heads={arch.num_heads}, and divide "
+                         f"or be a multiple of num_key_value_heads={arch.num_kv_heads} (vLLM's rule)")
     kwargs = dict(world_size=p.world_size, seq_len=seq_len, global_batch=cfg.global_batch,
                   micro_batch_size=p.micro_batch_size,
                   gpus_per_node=p.gpus_per_node if cfg.train.device == "cuda" else None)
-    estimate = None
+    estimate, rollout = None, None
     try:
         validate_layout(arch, layout, **kwargs)
-        estimate = _estimate(cfg, arch, layout)
     except ValueError as e:
         raise ValueError(f"{layout_key(str(e))}: {e}") from None
-    return {"arch": arch, "layout": layout, "estimate": estimate}
+    if cfg.train.device == "cuda":
+        rollout = _rollout_plan(cfg, arch)
+    try:
+        estimate = _estimate(cfg, arch, layout, rollout)
+    except ValueError as e:
+        raise ValueError(f"{layout_key(str(e))}: {e}") from None
+    return {"arch": arch, "layout": layout, "estimate": estimate, "rollout": rollout}
 
 
-def _estimate(cfg, arch, layout):
-    """The tuner's memory/time estimate of this plan, or None if the tuner is unavailable."""
+def _rollout_plan(cfg, arch) -> dict:
+    """The tuner's view of one engine's share of a GPU (tune/memory.py), from rollout.*."""
+    from nat_megatron.tune.constants import H100
+    from nat_megatron.tune.memory import rollout_plan
+
+    r = cfg.rollout
+    try:
+        return rollout_plan(arch, mem_gb=H100.mem_gb, seq_len=cfg.seq_len or r.max_new_tokens, tp=r.tp,
+                            utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
+                            gpus_per_node=cfg.parallel.gpus_per_node)
+    except ValueError as e:
+        raise ValueError(f"rollout.gpu_memory_utilization: {e}") from None
+
+
+def _estimate(cfg, arch, layout, rollout):
+    """The tuner's memory/time estimate of this plan (engine asleep in training, generating
+    next to the trainer's resident state), or None if the tuner is unavailable."""
     try:
         from nat_megatron.tune import check_layout
     except ImportError:
@@ -91,13 +115,13 @@ def _estimate(cfg, arch, layout):
                         nat=cfg.nat.scheme, budget=cfg.nat.budget, world_size=cfg.parallel.world_size,
                         gpus_per_node=cfg.parallel.gpus_per_node,
                         device="h100" if cfg.train.device == "cuda" else "cpu",
-                        distributed_optimizer=cfg.optim.distributed_optimizer)
+                        distributed_optimizer=cfg.optim.distributed_optimizer, rollout=rollout)
 
 
 def dry_run(cfg) -> str:
     """The dry run's report: resolved config, layout, micro-batching and the estimate."""
     info = check(cfg)
-    arch, lay, est = info["arch"], info["layout"], info["estimate"]
+    arch, lay, est, roll = info["arch"], info["layout"], info["estimate"], info["rollout"]
     m = cfg.global_batch // (lay.dp * cfg.parallel.micro_batch_size)
     lines = ["# resolved config", cfg.to_yaml().rstrip(), "",
              f"# model: {arch.family}, {arch.num_params() / 1e9:.3f} B parameters, "
@@ -107,11 +131,26 @@ def dry_run(cfg) -> str:
              f"# step: {cfg.global_batch} sequences = {cfg.train.prompts_per_step} prompts x "
              f"{cfg.rollout.group_size}; {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; "
              f"max sequence {cfg.seq_len} tokens (multiple of {lay.seq_multiple} required)"]
+    t = cfg.rollout.tp
+    engines = cfg.parallel.world_size // t
+    lines.append(f"# rollout: {engines} vLLM engine{'s' * (engines > 1)} x {t} rank{'s' * (t > 1)} "
+                 f"(tensor parallel), engine e on ranks e*{t}..e*{t}+{t - 1}; "
+                 f"{cfg.train.prompts_per_step / engines:g} prompts x {cfg.rollout.group_size} "
+                 "samples per engine per step")
+    if roll is not None:
+        lines.append(f"# rollout memory per GPU while generating: weights {roll['weights_gb']} GB, "
+                     f"KV cache {roll['kv_cache_gb']} GB (~{roll['kv_cache_sequences']:.0f} sequences of "
+                     f"{cfg.seq_len} tokens), {roll['bytes'] / 2**30:.1f} GB in all "
+                     f"(gpu_memory_utilization {roll['gpu_memory_utilization']}); asleep during training: "
+                     f"{roll['asleep_bytes'] / 2**30:.1f} GB")
     if est is not None:
         gb = est.memory.gb(2)
-        lines.append(f"# estimated training memory per {'GPU' if cfg.train.device == 'cuda' else 'process'} "
-                     f"(without the rollout engine): {gb.pop('total')} GB {gb}; fits: {est.fits}"
-                     + (f" ({est.why_not})" if est.why_not else ""))
+        where = "GPU" if cfg.train.device == "cuda" else "process"
+        lines.append(f"# estimated training memory per {where} (engine asleep): {gb.pop('total')} GB {gb}")
+        if roll is not None:
+            lines.append(f"# estimated memory per GPU while generating (engine + trainer's weights, grads, "
+                         f"optimizer): {est.rollout_peak / 2**30:.2f} GB")
+        lines.append(f"# fits: {est.fits}" + (f" ({est.why_not})" if est.why_not else ""))
         lines.append(f"# estimated step time {est.time.step_s:.2f} s, "
                      f"{est.time.tokens_per_s_per_gpu:.0f} tokens/s/GPU")
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
@@ -155,14 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return EXIT_INVALID
-    try:
-        from nat_megatron.train.trainer import run
-    except ImportError as e:
-        if "trainer" not in str(e) and "run" not in str(e):
-            raise
-        print("training is not available yet: nat_megatron.train.trainer.run is missing "
-              f"({e}); use --dry-run to check a config", file=sys.stderr)
-        return 1
+    from nat_megatron.train.trainer import run
+
     try:
         check(cfg)  # fail on a bad layout before any rank starts
         code = launch(cfg, argv)

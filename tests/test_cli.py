@@ -62,19 +62,22 @@ def test_sequence_divisibility(capsys):
     assert "rollout.max_new_tokens: sequence length 4095" in capsys.readouterr().err
 
 
-def test_run_without_trainer(monkeypatch, capsys):
-    import builtins
+@pytest.mark.parametrize("name", ["qwen3-8b", "llama3.1-8b", "qwen2.5-32b", "llama3.1-70b"])
+def test_gpu_presets_print_the_engine_layout_and_fit(name, capsys):
+    assert main(["--config", str(ROOT / "examples" / "configs" / f"{name}.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# rollout: " in out and " vLLM engine" in out and "rollout memory per GPU while generating" in out
+    assert "# fits: True" in out, out[-2000:]
 
-    real_import = builtins.__import__
 
-    def fake_import(name, *args, **kwargs):
-        if name == "nat_megatron.train.trainer":
-            raise ModuleNotFoundError("No module named 'nat_megatron.train.trainer'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    assert main(["--config", str(CPU)]) == 1
-    assert "nat_megatron.train.trainer.run is missing" in capsys.readouterr().err
+def test_rollout_tp_must_fit_the_model_and_the_world(capsys):
+    assert main(["--config", str(CPU), "--dry-run", "rollout.tp=2"]) == 2  # SmolLM2: 9 heads
+    assert "rollout.tp: 2 must divide num_attention_heads=9" in capsys.readouterr().err
+    assert main(["--config", str(CPU), "--dry-run", "rollout.tp=4"]) == 2  # world 2
+    assert "rollout.tp: must divide parallel.world_size=2" in capsys.readouterr().err
+    qwen = ROOT / "examples" / "configs" / "qwen3-8b.yaml"
+    assert main(["--config", str(qwen), "--dry-run", "rollout.gpu_memory_utilization=0.9"]) == 0
+    assert "# fits: False (while generating" in capsys.readouterr().out
 
 
 def test_dry_run_reads_hf_dir_config_json(tmp_path, capsys):

@@ -45,9 +45,14 @@ RECOMPUTE = {
              "recompute_num_layers": 1},
 }
 
-# Colocated rollout engine (vLLM) held resident through training (no sleep mode): it takes
-# gpu_memory_utilization x GPU memory for its weights, KV cache and its own activations.
+# Colocated rollout engine (vLLM, rollout/engine.py): while it generates it takes
+# gpu_memory_utilization x GPU memory for its weights, KV cache and its own activations, next to
+# the trainer's resident weights, grads and optimizer state; while the trainer trains it sleeps
+# (level 1: weights in host memory, KV cache freed) and keeps only a residual on the GPU
+# (its tensor-parallel communicators and allocator pools; an estimate, not yet measured on GPU).
+# rollout.gpu_memory_utilization defaults to this value.
 ROLLOUT_GPU_MEMORY_UTILIZATION = 0.35
+ROLLOUT_ASLEEP_GB = 1.0
 ROLLOUT_ACTIVATION_GB = 1.0  # vLLM's profiled forward peak, reserved out of its budget
 ROLLOUT_MAX_WEIGHT_SHARE = 0.5  # auto rollout TP: smallest TP whose weights fit in half the budget
 

@@ -13,8 +13,9 @@ schedule (Megatron's warm-up count), i.e. Korthikanti et al.'s factor 1 + (pp - 
 On top come transients: the loss's logits and its fp32 temporaries for one micro-batch on the
 last stage, or one recomputed layer (or MLP) in the backward, whichever is larger.
 
-Plus the colocated rollout engine (vLLM) when asked for, and a fixed CUDA/NCCL workspace with
-allocator slack (constants.py). Everything is in bytes until `MemoryEstimate.gb`.
+Plus the colocated rollout engine (vLLM) when asked for: asleep during training (a residual
+only); `rollout_peak` is the other phase, the engine generating next to the trainer's resident
+state. And a fixed CUDA/NCCL workspace with allocator slack (constants.py). Everything is in bytes until `MemoryEstimate.gb`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class MemoryEstimate:
         """Sum of all terms, bytes."""
         return (self.weights + self.grads + self.optimizer + self.activations + self.logits
                 + self.rollout + self.workspace)
+
+    @property
+    def resident(self) -> float:
+        """What the trainer keeps on the GPU between steps: weights, grads, optimizer, workspace."""
+        return self.weights + self.grads + self.optimizer + self.workspace
 
     def gb(self, digits: int = 4) -> dict[str, float]:
         """The terms and the total in GB (GiB)."""
@@ -218,13 +224,14 @@ def activation_bytes(arch: ModelArch, plan: Plan, dev: C.Device, work: Workload,
 
 def rollout_plan(arch: ModelArch, *, mem_gb: float, seq_len: int, gpus_per_node: int = 8,
                  utilization: float = C.ROLLOUT_GPU_MEMORY_UTILIZATION,
-                 tp: int | None = None) -> dict:
-    """The colocated vLLM engine's share of each GPU: its TP size, weights and KV cache.
+                 tp: int | None = None, kv_cache_gb: float | None = None) -> dict:
+    """The colocated vLLM engine on each GPU: its TP size, weights, KV cache and the memory it
+    holds while generating ("bytes") and while asleep during training ("asleep_bytes").
 
-    vLLM takes `utilization` x GPU memory (gpu_memory_utilization) for bf16 weights sharded
-    over its own TP group, its profiled activations, and KV cache in the rest; it stays resident
-    through training (no sleep mode). tp=None picks the smallest TP (dividing the heads, within
-    a node) whose weights fit in ROLLOUT_MAX_WEIGHT_SHARE of that budget.
+    While generating vLLM takes `utilization` x GPU memory (gpu_memory_utilization) for bf16
+    weights sharded over its TP group, its profiled activations, and KV cache in the rest (or
+    exactly `kv_cache_gb` when given). tp=None picks the smallest TP (dividing the heads,
+    within a node) whose weights fit in ROLLOUT_MAX_WEIGHT_SHARE of that budget.
     """
     if not 0.0 < utilization < 1.0:
         raise ValueError(f"rollout gpu_memory_utilization must lie in (0, 1), got {utilization}")
@@ -242,8 +249,13 @@ def rollout_plan(arch: ModelArch, *, mem_gb: float, seq_len: int, gpus_per_node:
                          "rollout gpu_memory_utilization or set the rollout TP")
     kv_heads = max(1, arch.num_kv_heads // t)  # vLLM replicates KV heads when tp > kv heads
     kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * 2
-    kv = budget - weights / t - C.ROLLOUT_ACTIVATION_GB * C.GiB
+    if kv_cache_gb is None:
+        kv = budget - weights / t - C.ROLLOUT_ACTIVATION_GB * C.GiB
+    else:
+        kv = kv_cache_gb * C.GiB
+        budget = weights / t + C.ROLLOUT_ACTIVATION_GB * C.GiB + kv
     return {"tp": t, "gpu_memory_utilization": utilization, "bytes": budget,
+            "asleep_bytes": C.ROLLOUT_ASLEEP_GB * C.GiB,
             "weights_gb": round(weights / t / C.GiB, 2), "kv_cache_gb": round(kv / C.GiB, 2),
             "activation_gb": C.ROLLOUT_ACTIVATION_GB,
             "kv_cache_sequences": max(0.0, kv) / (kv_per_token * seq_len)}
@@ -262,7 +274,7 @@ def estimate_memory(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, 
         est = MemoryEstimate(
             stage=stage, weights=s["weights"], grads=s["grads"], optimizer=s["optimizer"],
             activations=sum(act.values()), logits=logits,
-            rollout=rollout["bytes"] if rollout else 0.0,
+            rollout=rollout["asleep_bytes"] if rollout else 0.0,
             workspace=dev.workspace_gb * C.GiB + dev.fragmentation * tensors,
             detail={k: v / C.GiB for k, v in act.items()},
         )

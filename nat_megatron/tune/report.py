@@ -59,10 +59,11 @@ def table(result: SearchResult, info: dict, *, top: int = 20) -> str:
         r = info["rollout"]
         lines.append(f"colocated rollout: vLLM TP {r['tp']}, gpu_memory_utilization "
                      f"{r['gpu_memory_utilization']}: weights {r['weights_gb']} GB, KV cache "
-                     f"{r['kv_cache_gb']} GB (~{r['kv_cache_sequences']:.0f} sequences)")
+                     f"{r['kv_cache_gb']} GB (~{r['kv_cache_sequences']:.0f} sequences); asleep "
+                     f"while training ('roll'), generating next to the trainer's state ('gen')")
     head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'vpp':>3} {'cp':>2} {'dp':>3} {'mbs':>3} "
             f"{'recompute':<9} {'fits':<4} {'total':>6} {'weig':>5} {'grad':>5} {'opt':>5} "
-            f"{'act':>5} {'logit':>5} {'roll':>5} {'work':>5} {'step s':>7} {'tok/s/gpu':>9}")
+            f"{'act':>5} {'logit':>5} {'roll':>5} {'work':>5} {'gen':>5} {'step s':>7} {'tok/s/gpu':>9}")
     lines += ["", head, "-" * len(head)]
     # Tiny (CPU) models print in MB so that their columns are not all 0.0.
     scale, unit = (1, "GB") if max((c.memory.total for c in result.candidates), default=0) \
@@ -75,7 +76,8 @@ def table(result: SearchResult, info: dict, *, top: int = 20) -> str:
             f"{c.plan.mbs:>3} {c.plan.recompute:<9} {'yes' if c.fits else 'no':<4} "
             f"{g['total']:6.1f} {g['weights']:5.1f} {g['grads']:5.1f} {g['optimizer']:5.1f} "
             f"{g['activations']:5.1f} {g['logits']:5.1f} {g['rollout']:5.1f} "
-            f"{g['workspace']:5.1f} {c.time.step_s:7.2f} {c.time.tokens_per_s_per_gpu:9.0f}")
+            f"{g['workspace']:5.1f} {c.rollout_peak / C.GiB * scale:5.1f} {c.time.step_s:7.2f} "
+            f"{c.time.tokens_per_s_per_gpu:9.0f}")
     shown = min(top, len(result.candidates))
     lines.append(f"({shown} of {len(result.candidates)} candidates shown; memory in {unit})")
     if result.rejected:

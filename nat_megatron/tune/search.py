@@ -30,6 +30,7 @@ class Candidate:
     time: TimeEstimate
     fits: bool
     why_not: str = ""
+    rollout_peak: float = 0.0  # bytes while the colocated engine generates (0: no engine)
 
     def as_json(self) -> dict:
         """One entry of the tuner's JSON "candidates" list."""
@@ -39,6 +40,7 @@ class Candidate:
             "mbs": self.plan.mbs, "recompute": self.plan.recompute,
             "sequence_parallel": lay.sequence_parallel,
             "fits": self.fits, "mem_gb": self.memory.gb(),
+            "rollout_peak_gb": round(self.rollout_peak / C.GiB, 4),
             "step_time_s": round(self.time.step_s, 4),
             "tokens_per_s_per_gpu": round(self.time.tokens_per_s_per_gpu, 1),
             "peak_stage": self.memory.stage, "why_not": self.why_not or None,
@@ -74,12 +76,18 @@ def evaluate(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, *,
     time = estimate_time(arch, plan, work, dev, gpus_per_node=gpus_per_node)
     why = ""
     usable = mem_gb * (1 - C.FIT_HEADROOM)
+    rollout_peak = memory.resident + rollout["bytes"] if rollout else 0.0
     if memory.total > usable * C.GiB:
         why = (f"needs {memory.total / C.GiB:.1f} GB > {usable:.1f} GB "
                f"({mem_gb:g} GB less {C.FIT_HEADROOM:.0%} headroom)")
+    elif rollout_peak > usable * C.GiB:
+        why = (f"while generating, the engine's {rollout['bytes'] / C.GiB:.1f} GB next to the "
+               f"trainer's resident {memory.resident / C.GiB:.1f} GB exceed {usable:.1f} GB; "
+               "lower rollout.gpu_memory_utilization or shard the trainer more")
     elif rollout and rollout["kv_cache_sequences"] < 1:
         why = "the rollout engine's KV cache cannot hold one sequence"
-    return Candidate(plan=plan, memory=memory, time=time, fits=not why, why_not=why)
+    return Candidate(plan=plan, memory=memory, time=time, fits=not why, why_not=why,
+                     rollout_peak=rollout_peak)
 
 
 def candidate_layouts(arch: ModelArch, gpus: int, *, seq_len: int, gpus_per_node: int

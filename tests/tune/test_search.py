@@ -110,7 +110,20 @@ def test_colocated_rollout_takes_its_share():
     assert rollout_plan(arch, mem_gb=80, seq_len=8192, tp=1)["kv_cache_gb"] < r["kv_cache_gb"]
     cand = check_layout(arch, Layout(tp=2, dp=4, sequence_parallel=True), seq_len=8192,
                         global_batch=64, rollout=r)
-    assert cand.memory.rollout == pytest.approx(0.35 * 80 * C.GiB)
+    # Asleep during training: a residual; generating: its whole budget next to the trainer's state.
+    assert cand.memory.rollout == pytest.approx(C.ROLLOUT_ASLEEP_GB * C.GiB)
+    m = cand.memory
+    assert cand.rollout_peak == pytest.approx(m.weights + m.grads + m.optimizer + m.workspace
+                                              + 0.35 * 80 * C.GiB)
+    # A fixed KV cache sets the budget: weights + activations + KV.
+    fixed = rollout_plan(arch, mem_gb=80, seq_len=8192, tp=2, kv_cache_gb=10.0)
+    assert fixed["kv_cache_gb"] == 10.0
+    assert fixed["bytes"] == pytest.approx((fixed["weights_gb"] + C.ROLLOUT_ACTIVATION_GB + 10.0) * C.GiB, rel=1e-3)
+    # An engine budget that leaves no room for the trainer's resident state does not fit.
+    greedy = rollout_plan(arch, mem_gb=80, seq_len=8192, tp=2, utilization=0.9)
+    cand = check_layout(arch, Layout(tp=2, dp=4, sequence_parallel=True), seq_len=8192,
+                        global_batch=64, rollout=greedy)
+    assert not cand.fits and "while generating" in cand.why_not
 
 
 def test_check_layout_is_the_dry_run_entry_point():
