@@ -309,9 +309,11 @@ class TrainConfig:
     seed: int = 1234
     device: str = "cuda"
     max_skipped_steps: int = 3  # consecutive steps with a NaN/inf loss or grad before aborting
+    mini_batches: int = 1  # optimizer steps per rollout batch (per epoch)
+    epochs: int = 1  # passes over the rollout batch
 
     def __post_init__(self):
-        _at_least(self, 1, "steps", "prompts_per_step")
+        _at_least(self, 1, "steps", "prompts_per_step", "mini_batches", "epochs")
         _at_least(self, 0, "max_skipped_steps")
         _one_of("train.device", self.device, DEVICES)
 
@@ -382,8 +384,13 @@ class Config:
         _check(self.train.prompts_per_step >= dp, "train.prompts_per_step",
                f"each of the {dp} data-parallel replicas trains whole prompt groups: use at least "
                f"{dp} prompts per step, got {self.train.prompts_per_step}")
-        _check(self.loss.kl_beta == 0, "loss.kl_beta",
-               "the RL trainer has no KL-to-reference term yet (GRPO/NAT runs without it); set 0")
+        _check(self.rollout.group_size >= 2, "rollout.group_size",
+               "GRPO and OTB baseline each response against its group: with 1 sample per prompt every "
+               f"advantage is 0 and nothing trains; use >= 2, got {self.rollout.group_size}")
+        _check(self.train.mini_batches <= self.rollout.group_size, "train.mini_batches",
+               f"each data-parallel replica holds at least one group of rollout.group_size="
+               f"{self.rollout.group_size} samples; use at most that many mini-batches, got "
+               f"{self.train.mini_batches}")
 
     @property
     def global_batch(self) -> int:

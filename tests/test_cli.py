@@ -47,7 +47,7 @@ def test_invalid_layout_exits_2_naming_the_key(dry_runs):
     (["parallel.pp=4"], "parallel"),  # 4 stages with world size 2
     (["parallel.pp=1", "parallel.dp=1"], "parallel.dp: layout tp*pp*cp*dp"),
     (["rollout.max_new_tokens=9000"], "rollout.max_new_tokens"),
-    (["parallel.vpp=3", "train.prompts_per_step=1", "rollout.group_size=1"], "parallel.vpp"),
+    (["parallel.vpp=3", "train.prompts_per_step=1", "rollout.group_size=3"], "parallel.vpp"),
     (["nat.budget=2"], "nat.budget: must be in (0, 1]"),
 ])
 def test_invalid_in_process(overrides, key, capsys):

@@ -90,7 +90,7 @@ def test_otb_bingo_and_their_bad_values():
         ("reward.bingo.scorer=llmlingua3", "reward.bingo.scorer: unknown scorer"),
         ("reward.bingo.scorer=hf_token_classifier", "reward.bingo.scorer_path"),
         ("reward.bingo.lamda_c=1", "reward.bingo.lamda_c"),
-        ("loss.kl_beta=0.1", "loss.kl_beta"),
+        ("loss.kl_beta=-0.1", "loss.kl_beta"),
     ]:
         with pytest.raises(ValueError, match=message):
             load_config(CPU, ["reward.bingo.enabled=true", override])
@@ -114,3 +114,21 @@ def test_apply_override_nested():
     assert d == {"a": {"b": 1, "c": {"d": [1, 2]}}}
     with pytest.raises(ValueError, match="a.b: is a value"):
         apply_override(d, "a.b.c=1")
+
+
+def test_rl_algorithm_keys_and_their_bad_values():
+    cfg = load_config(CPU, ["loss.kl_beta=0.01", "loss.kl_estimator=k2", "loss.old_logprobs=recompute",
+                            "loss.tis_cap=2.0", "loss.clip_ratio_c=3", "train.mini_batches=2", "train.epochs=2"])
+    assert cfg.loss.kl_estimator == "k2" and cfg.loss.tis_cap == 2.0 and cfg.train.mini_batches == 2
+    for overrides, message in [
+        (["loss.kl_estimator=k4"], "loss.kl_estimator"),
+        (["loss.clip_ratio_c=0.5"], "loss.clip_ratio_c"),
+        (["loss.tis_cap=2"], "loss.tis_cap needs"),
+        (["loss.old_logprobs=engine"], "loss.old_logprobs"),
+        (["train.mini_batches=0"], "train.mini_batches: must be >= 1"),
+        (["train.mini_batches=8"], "train.mini_batches: each data-parallel replica"),
+        (["train.epochs=0"], "train.epochs: must be >= 1"),
+        (["rollout.group_size=1"], "rollout.group_size: GRPO and OTB"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(CPU, overrides)

@@ -15,6 +15,16 @@ data-parallel rank of the step:
 N counts every response token BEFORE selection: dividing by the kept count (Hajek) is biased.
 pi is a constant; the same weight 1/pi multiplies every per-token term (clip, KL, entropy).
 
+Per-token terms, as in verl's core_algos (compared in tests/nat/test_loss.py):
+- PPO clip, with optional dual clip (clip_ratio_c = c > 1): for A < 0 the loss is capped at
+  -A * c, so a huge ratio on a bad token cannot blow the step up.
+- Truncated importance sampling (`tis_weights`, from the trainer: min(pi_old / pi_rollout, C),
+  no gradient) multiplies the policy term: it corrects for the rollout engine sampling from a
+  slightly different distribution than the trainer's pi_old (bf16 engines, other kernels).
+- KL to the reference policy, estimator k1 = log(pi/pi_ref), k2 = (log(pi/pi_ref))^2 / 2, or
+  k3 = pi_ref/pi - log(pi_ref/pi) - 1 (verl's low_var_kl: log-ratio clamped to +-20, k3 to
+  +-10), weighted by kl_beta.
+
 Metrics are self-normalised weighted means over kept tokens, sum_S x/pi / sum_S 1/pi: they
 stay in range (clip fraction in [0, 1]) and equal the plain token means under scheme "none".
 `weight_sum` lets a caller combine micro-batch metrics exactly (weight each by its weight_sum).
@@ -30,6 +40,7 @@ import torch
 from torch import Tensor
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass(frozen=True)
@@ -38,10 +49,14 @@ class LossConfig:
 
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
     eps_high: float = 0.2  # ratio clipped above at 1 + eps_high
-    kl_beta: float = 0.0  # weight of the k3 KL to the reference policy
+    kl_beta: float = 0.0  # weight of the KL to the reference policy
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (low_var_kl)
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * entropy
     aggregation: str = "token-mean"
     seq_token_sum_constant: float | None = None  # K of seq-mean-token-sum (Dr. GRPO)
+    clip_ratio_c: float | None = None  # dual clip (A < 0): loss <= -A * clip_ratio_c; e.g. 3.0
+    tis_cap: float | None = None  # truncated importance sampling: w = min(pi_old/pi_rollout, cap)
+    old_logprobs: str = "rollout"  # pi_old: the engine's log-probs, or "recompute"d by the trainer
 
     def __post_init__(self):
         for name, upper in (("eps_low", 1.0), ("eps_high", math.inf), ("kl_beta", math.inf),
@@ -51,6 +66,21 @@ class LossConfig:
                     0.0 <= value <= upper and math.isfinite(value)):
                 raise ValueError(f"LossConfig.{name}={value!r} must be a finite number in "
                                  f"[0, {upper}]")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; use one of "
+                             f"{KL_ESTIMATORS}")
+        if self.old_logprobs not in ("rollout", "recompute"):
+            raise ValueError(f"LossConfig.old_logprobs={self.old_logprobs!r}: use 'rollout' (the "
+                             "engine's log-probs) or 'recompute' (the trainer's, before the update)")
+        for name, low in (("clip_ratio_c", 1.0), ("tis_cap", 0.0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not (low < value < math.inf)):
+                raise ValueError(f"LossConfig.{name}={value!r} must be a finite number > {low:g}, or "
+                                 "None (off)")
+        if self.tis_cap is not None and self.old_logprobs != "recompute":
+            raise ValueError("LossConfig.tis_cap needs the trainer's own pi_old: set "
+                             "old_logprobs='recompute' (the weights are pi_old / pi_rollout)")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"LossConfig.aggregation={self.aggregation!r} is unknown; "
                              f"use one of {AGGREGATIONS}")
@@ -97,13 +127,27 @@ def normaliser_count(lengths: Tensor, aggregation: str) -> int:
     return int(lengths.sum()) if aggregation == "token-mean" else int(lengths.numel())
 
 
-def token_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig,
-                    *, ref_logprobs: Tensor | None = None, entropy: Tensor | None = None):
-    """Per-token l_it [B, T], plus the ratio, clip indicator and k3 for metrics.
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs (verl's kl_penalty)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        delta = (-log_ratio).clamp(-20.0, 20.0)
+        return (torch.exp(delta) - delta - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"estimator={estimator!r} is unknown; use one of {KL_ESTIMATORS}")
 
-    l = -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + kl_beta*k3 - entropy_coef*entropy,
-    rho = exp(logp - old_logp), k3 = exp(ref - logp) - (ref - logp) - 1.
-    Inputs must already be finite everywhere (the callers zero the ignored positions).
+
+def token_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig,
+                    *, ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                    tis_weights: Tensor | None = None):
+    """Per-token l_it [B, T], plus the ratio, clip indicator and KL estimate for metrics.
+
+    l = w * pg + kl_beta * kl - entropy_coef * entropy, with pg = -min(rho*A, clip(rho)*A)
+    (capped at -A*clip_ratio_c for A < 0 with dual clip), rho = exp(logp - old_logp) and w the
+    TIS weights (1 without). Inputs must be finite everywhere (callers zero ignored positions).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     # [B] sequence advantages broadcast over positions; [B, T] per-token ones (OTB) as given.
@@ -111,27 +155,30 @@ def token_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     loss = torch.maximum(unclipped, clipped)  # = -min(rho*A, clip(rho)*A)
-    k3 = None
+    if cfg.clip_ratio_c is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * cfg.clip_ratio_c), loss)
+    if tis_weights is not None:
+        loss = loss * tis_weights.to(loss.dtype)
+    kl = None
     if ref_logprobs is not None:
-        delta = ref_logprobs - logprobs
-        k3 = torch.exp(delta) - delta - 1.0
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
         if cfg.kl_beta:
-            loss = loss + cfg.kl_beta * k3
+            loss = loss + cfg.kl_beta * kl
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * entropy
-    return loss, ratio, clipped > unclipped, k3
+    return loss, ratio, clipped > unclipped, kl
 
 
 def nat_loss_sum(logprobs: Tensor, *, old_logprobs: Tensor, advantages: Tensor,
                  selection_mask: Tensor, selection_prob: Tensor, lengths: Tensor, cfg: LossConfig,
-                 ref_logprobs: Tensor | None = None, entropy: Tensor | None = None
-                 ) -> tuple[Tensor, dict[str, Tensor]]:
+                 ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                 tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Horvitz-Thompson loss SUM of one micro-batch and its metrics (module docstring).
 
     Divide by the global sum of `normaliser_count`. selection_mask/selection_prob come from
     `Selection` (sliced to the width T of logprobs when the forward ran on truncated prefixes).
     """
-    _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy)
+    _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy, tis_weights)
     if selection_mask.shape != logprobs.shape or selection_mask.dtype != torch.bool:
         raise ValueError(f"selection_mask must be a bool tensor of shape {tuple(logprobs.shape)}")
     if selection_prob.shape != logprobs.shape or not selection_prob.dtype.is_floating_point:
@@ -145,16 +192,17 @@ def nat_loss_sum(logprobs: Tensor, *, old_logprobs: Tensor, advantages: Tensor,
     one = torch.ones((), dtype=selection_prob.dtype, device=selection_prob.device)
     weights = torch.where(selection_mask, one / selection_prob.detach(), 0 * one)
     return _loss_sum(logprobs, old_logprobs, advantages, selection_mask,
-                     weights.to(logprobs.dtype), lengths, cfg, ref_logprobs, entropy)
+                     weights.to(logprobs.dtype), lengths, cfg, ref_logprobs, entropy, tis_weights)
 
 
 def grpo_loss_sum(logprobs: Tensor, *, old_logprobs: Tensor, advantages: Tensor,
                   lengths: Tensor, cfg: LossConfig, ref_logprobs: Tensor | None = None,
-                  entropy: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                  entropy: Tensor | None = None, tis_weights: Tensor | None = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain full-token GRPO loss SUM (no weights); the reference that scheme "none" matches."""
-    _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy)
+    _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy, tis_weights)
     return _loss_sum(logprobs, old_logprobs, advantages, _valid(lengths, logprobs.shape[1]),
-                     None, lengths, cfg, ref_logprobs, entropy)
+                     None, lengths, cfg, ref_logprobs, entropy, tis_weights)
 
 
 def nat_loss(logprobs: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -170,14 +218,14 @@ def grpo_loss(logprobs: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def _loss_sum(logprobs, old_logprobs, advantages, mask, weights, lengths, cfg, ref_logprobs,
-              entropy):
+              entropy, tis_weights):
     """Shared body: `weights` None means unweighted (the plain GRPO path)."""
     def keep(x):  # ignored positions may hold inf/nan; zeroing them keeps grads finite
         return None if x is None else torch.where(mask, x, torch.zeros_like(x))
 
-    loss, ratio, clipped, k3 = token_objective(
-        keep(logprobs), keep(old_logprobs), advantages if advantages.dim() == 1 else keep(advantages), cfg, ref_logprobs=keep(ref_logprobs),
-        entropy=keep(entropy))
+    loss, ratio, clipped, kl = token_objective(
+        keep(logprobs), keep(old_logprobs), advantages if advantages.dim() == 1 else keep(advantages),
+        cfg, ref_logprobs=keep(ref_logprobs), entropy=keep(entropy), tis_weights=keep(tis_weights))
     if weights is not None:
         loss = loss * weights  # weight exactly 1.0 leaves values and grads bitwise unchanged
     terms = torch.where(mask, loss, torch.zeros_like(loss))
@@ -200,12 +248,16 @@ def _loss_sum(logprobs, old_logprobs, advantages, mask, weights, lengths, cfg, r
 
         metrics = {
             "clip_fraction": mean(clipped.to(w.dtype)),
+            "clip_low_fraction": mean((clipped & (ratio < 1.0 - cfg.eps_low)).to(w.dtype)),
+            "clip_high_fraction": mean((clipped & (ratio > 1.0 + cfg.eps_high)).to(w.dtype)),
             "ratio_mean": mean(ratio.detach()),
+            "ratio_max": torch.where(mask, ratio.detach(), torch.zeros_like(ratio)).max()
+            if mask.numel() else ratio.new_zeros(()),
             "kept_tokens": mask.sum(),
             "weight_sum": w_sum,
         }
-        if k3 is not None:
-            metrics["kl_mean"] = mean(k3.detach())
+        if kl is not None:
+            metrics["kl_mean"] = mean(kl.detach())
         if entropy is not None:
             metrics["entropy_mean"] = mean(keep(entropy).detach())
     return total, metrics
@@ -215,7 +267,8 @@ def _valid(lengths, width):
     return torch.arange(width, device=lengths.device)[None] < lengths[:, None]
 
 
-def _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy):
+def _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy,
+                  tis_weights=None):
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
     if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2 or (
@@ -223,7 +276,7 @@ def _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs
         raise ValueError("logprobs must be a float tensor [B, T] aligned on response positions")
     shape = tuple(logprobs.shape)
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
-                    ("entropy", entropy)):
+                    ("entropy", entropy), ("tis_weights", tis_weights)):
         if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != shape):
             raise ValueError(f"{name} must be a tensor of shape {shape} like logprobs")
     if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in (shape[:1], shape):

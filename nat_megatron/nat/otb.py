@@ -21,11 +21,12 @@ TP both LSE terms are all-reduced). G_it is the reward-to-go; for outcome reward
 sequence reward on every response position (`outcome_returns`).
 
 Rules that nat.md leaves open, and our choices:
-- Zero tail (the reference implementation, verl's handle_zero_tail, default on): in a group
-  whose longest response is strictly longer than every other, that response's positions
-  beyond the second-longest length get baseline 0 (advantage = G there). Without the rule
-  B*_t at those positions is G W / (W + eps), i.e. advantage ~0: the tail would get no
-  learning signal. Ties for the longest: nothing is zeroed. zero_tail=False disables it.
+- Zero tail (the OTB paper's reference implementation; on by default here): in a group whose
+  longest response is strictly longer than every other, that response's positions beyond the
+  second-longest length get baseline 0 (advantage = G there). Without the rule B*_t at those
+  positions is G W / (W + eps), i.e. advantage ~0: the tail would get no learning signal.
+  Ties for the longest: nothing is zeroed. zero_tail=False disables it. verl offers the same
+  rule as `handle_zero_tail`, OFF by default in its single-turn OTB estimator.
 - Group of one: the baseline is the return itself, so the advantage is 0 (nat.md). verl
   instead uses no baseline there (advantage = return); we follow nat.md. The zero-tail rule
   does not apply to a group of one.

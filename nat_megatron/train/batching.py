@@ -20,7 +20,7 @@ micro-batches. Every length pads up to `seq_multiple` (`Layout.seq_multiple`, an
 
 Per-position fields ([b, s], position t predicts token t + 1), zero on padding:
   response_pos  j + 1 where position t predicts response token j (0: prompt or padding)
-  old_logprobs  rollout log-prob of that response token     (ref_logprobs likewise, if given)
+  old_logprobs  pi_old log-prob of that response token   (ref_logprobs, tis_weights likewise, if given)
   kept, prob    Selection.mask / Selection.prob of that token
   advantages    the token's advantage (a sequence advantage is broadcast over the response)
   lengths       the sample's FULL response length (broadcast)
@@ -60,7 +60,11 @@ class Sample:
     response: torch.Tensor
     old_logprobs: torch.Tensor
     advantage: float | torch.Tensor
-    ref_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None  # [T], the reference policy's (KL term)
+    tis_weights: torch.Tensor | None = None  # [T], truncated importance weights (nat/loss.py)
+
+
+OPTIONAL = ("ref_logprobs", "tis_weights")  # per-token Sample fields: all samples or none
 
 
 def seq_multiple_for(layout, *, fp8: bool = False) -> int:
@@ -189,9 +193,9 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
     """Rows for `members` (None: an empty zero-weight row) padded to s_pad positions."""
     b = len(members)
     tokens = torch.zeros(b, s_pad + 1, dtype=torch.long)  # + 1: the last target
-    with_ref = samples[0].ref_logprobs is not None
+    optional = [n for n in OPTIONAL if getattr(samples[0], n) is not None]
     names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample"]
-    names += ["ref_logprobs"] if with_ref else []
+    names += optional
     dtypes = {"response_pos": torch.long, KEPT_FIELD: torch.bool, "prob": torch.float64,
               "lengths": torch.long, "sample": torch.long}
     f = {k: torch.zeros(b, s_pad, dtype=dtypes.get(k, torch.float32)) for k in names}
@@ -216,8 +220,8 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
             f["advantages"][r] = float(smp.advantage)
         f["lengths"][r] = int(selection.lengths[i])
         f["sample"][r] = i + 1
-        if with_ref:
-            f["ref_logprobs"][r, at] = smp.ref_logprobs[:c].float()
+        for n in optional:
+            f[n][r, at] = getattr(smp, n)[:c].float()
     return MicroBatch(tokens=tokens[:, :-1].clone(), targets=tokens[:, 1:].clone(), fields=f,
                       count=count)
 
@@ -245,18 +249,16 @@ def nat_loss_fn(cfg: LossConfig):
         adv = grid(f["advantages"])  # per token; a sequence advantage is the same on every one
         # Exact per-row scalar (a max over identical values, no rounding); 1 on empty rows.
         lengths = f["lengths"].amax(1).clamp(min=1)
-        extra = {}
-        if "ref_logprobs" in f:
-            extra["ref_logprobs"] = grid(f["ref_logprobs"])
+        extra = {n: grid(f[n]) for n in OPTIONAL if n in f}
         if "entropy" in stats:
             extra["entropy"] = grid(stats["entropy"])
-        loss_sum, _ = nat_loss_sum(
+        loss_sum, metrics = nat_loss_sum(
             grid(stats["logprobs"]), old_logprobs=grid(f["old_logprobs"]), advantages=adv,
             selection_mask=grid(f[KEPT_FIELD] & on), selection_prob=grid(f["prob"]),
             lengths=lengths, cfg=cfg, **extra)
         if width == 0:  # nothing of this micro-batch here: keep the graph for backward
             loss_sum = loss_sum + 0.0 * stats["logprobs"].sum()
-        return loss_sum, mb.count
+        return loss_sum, mb.count, metrics
 
     return loss_fn
 
@@ -270,7 +272,7 @@ def _check(samples, selection, seq_multiple):
     if isinstance(seq_multiple, bool) or not isinstance(seq_multiple, int) or seq_multiple < 1:
         raise ValueError(f"seq_multiple={seq_multiple!r} must be an int >= 1 "
                          "(seq_multiple_for(layout))")
-    with_ref = samples[0].ref_logprobs is not None
+    given = {n: getattr(samples[0], n) is not None for n in OPTIONAL}
     for i, smp in enumerate(samples):
         T = int(selection.lengths[i])
         if smp.prompt.dim() != 1 or len(smp.prompt) < 1:
@@ -283,11 +285,10 @@ def _check(samples, selection, seq_multiple):
         if isinstance(smp.advantage, torch.Tensor) and tuple(smp.advantage.shape) != (T,):
             raise ValueError(f"samples[{i}].advantage is a tensor of shape "
                              f"{tuple(smp.advantage.shape)}; per-token advantages need shape ({T},)")
-        for name in ("old_logprobs", "ref_logprobs"):
+        for name in ("old_logprobs", *OPTIONAL):
             x = getattr(smp, name)
-            if name == "ref_logprobs" and (x is not None) != with_ref:
-                raise ValueError(f"samples[{i}].ref_logprobs: give ref_logprobs for every "
-                                 "sample or for none")
+            if name in given and (x is not None) != given[name]:
+                raise ValueError(f"samples[{i}].{name}: give {name} for every sample or for none")
             if x is not None and tuple(x.shape) != (T,):
                 raise ValueError(f"samples[{i}].{name} must have shape ({T},), one per "
                                  "response token")

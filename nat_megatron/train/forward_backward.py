@@ -33,8 +33,9 @@ from nat_megatron.model.layers import cp_chunk_positions
 from nat_megatron.model.logprobs import vocab_parallel_token_stats
 from nat_megatron.model.output import positions_to_index, scatter_positions
 
-# loss_fn(stats, micro_batch) -> (loss_sum, normaliser_count). `stats` holds per-position
-# [b, s] "logprobs" (and "entropy" / "sum_p2" when requested) for this rank's positions.
+# loss_fn(stats, micro_batch) -> (loss_sum, normaliser_count[, metrics]). `stats` holds
+# per-position [b, s] "logprobs" (and "entropy" / "sum_p2" when requested) for this rank's
+# positions; `metrics` (optional) are reported back per micro-batch as out["metrics"].
 LossFn = Callable[[dict, "MicroBatch"], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -98,7 +99,7 @@ def _device(t: torch.Tensor) -> torch.Tensor:
 def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
                      vocab_size: int, forward_only: bool = False, entropy: bool = False,
                      sum_p2: bool = False, keep_logits: bool = False,
-                     output_mask: str | None = None) -> list[dict]:
+                     output_mask: str | None = None, temperature: float = 1.0) -> list[dict]:
     """Run Megatron's schedule (no pipelining, 1F1B or interleaved) over `micro_batches`.
 
     Returns, on the last pipeline stage, one dict per micro-batch with the detached
@@ -108,6 +109,8 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
     (gathered over TP; for checks and debugging, not for training) as "logits".
     `output_mask`: name of a bool [b, s] field of every micro-batch; only those positions reach
     the output layer and the loss (zeros elsewhere in "stats" and "logits").
+    `temperature`: the statistics are those of softmax(logits / temperature), the distribution
+    the rollout engines sample from (the engines report log-probs of that same distribution).
     """
     if len(chunks) > 1:  # interleaved schedule: one shape for the whole step (see above)
         longest = max(mb.seq_len for mb in micro_batches)
@@ -127,15 +130,16 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
         targets = _device(mb.targets)
         if index is not None:  # logits are [k, V/tp] at the selected positions
             targets = targets.t().reshape(-1)[index]
-        stats = vocab_parallel_token_stats(logits, targets, vocab_size,
-                                           entropy=entropy, sum_p2=sum_p2)
+        scaled = logits if temperature == 1.0 else logits / temperature
+        stats = vocab_parallel_token_stats(scaled, targets, vocab_size, entropy=entropy, sum_p2=sum_p2)
         if index is not None:
             b, s = mb.tokens.shape
             stats = {k: scatter_positions(v, index, b, s) for k, v in stats.items()}
-        loss_sum, count = loss_fn(stats, mb)
+        loss_sum, count, *metrics = loss_fn(stats, mb)
         count = torch.as_tensor(count, dtype=torch.int, device=loss_sum.device)
         out = {"loss_sum": loss_sum.detach().clone(), "count": count.clone(),
-               "stats": {k: v.detach() for k, v in stats.items()}}
+               "stats": {k: v.detach() for k, v in stats.items()},
+               "metrics": {k: v.detach() for k, v in (metrics[0] if metrics else {}).items()}}
         if keep_logits:
             full = gather_from_tensor_model_parallel_region(logits.detach())[..., :vocab_size]
             out["logits"] = full if index is None else scatter_positions(full, index, *mb.tokens.shape)

@@ -21,12 +21,16 @@ from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches
 from nat_megatron.train.forward_backward import forward_backward
 
 
-def prefix_selection(lengths: torch.Tensor, prefix: torch.Tensor) -> Selection:
-    """A Selection that keeps positions < prefix[i] of every response (probability 1)."""
+def positions_selection(lengths: torch.Tensor, keep: torch.Tensor) -> Selection:
+    """A Selection of exactly the `keep` positions (probability 1); the forward pass of a
+    response runs up to its last kept position."""
     width = max(int(lengths.max()) if lengths.numel() else 0, 1)
-    mask = torch.arange(width)[None] < prefix[:, None]
     valid = torch.arange(width)[None] < lengths[:, None]
-    return Selection(mask=mask, prob=valid.double(), cut=prefix.clone(), lengths=lengths.clone())
+    mask = torch.zeros_like(valid)
+    mask[:, :keep.shape[1]] = keep[:, :width]
+    mask &= valid
+    cut = (mask * torch.arange(1, width + 1)).amax(1)
+    return Selection(mask=mask, prob=valid.double(), cut=cut, lengths=lengths.clone())
 
 
 def _forward_only_loss(stats: dict, mb):
@@ -34,12 +38,13 @@ def _forward_only_loss(stats: dict, mb):
 
 
 @torch.no_grad()
-def token_stats(chunks: list, samples: list[Sample], prefix: torch.Tensor, *, layout, vocab_size: int,
-                micro_batch_size: int, sum_p2: bool = False) -> dict[str, torch.Tensor]:
-    """log p (and sum_v p^2) of response token t of sample i for t < prefix[i], on every rank
+def token_stats(chunks: list, samples: list[Sample], keep: torch.Tensor, *, layout, vocab_size: int,
+                micro_batch_size: int, sum_p2: bool = False, temperature: float = 1.0
+                ) -> dict[str, torch.Tensor]:
+    """log p (and sum_v p^2) of response token t of sample i where keep[i, t], on every rank
     of this data-parallel replica (`samples`: the replica's samples, the same on its ranks).
 
-    Returns fp32 CPU tensors [N, T_max], zero at positions >= prefix[i].
+    Returns fp32 CPU tensors [N, T_max], zero where keep is False.
     """
     n = len(samples)
     lengths = torch.tensor([len(s.response) for s in samples])
@@ -50,10 +55,11 @@ def token_stats(chunks: list, samples: list[Sample], prefix: torch.Tensor, *, la
     if layout.vpp:  # the interleaved schedule runs micro-batches in groups of pp
         num_micro = -(-num_micro // layout.pp) * layout.pp
     micro_batches = build_micro_batches(
-        samples, prefix_selection(lengths, prefix), aggregation="token-mean",
+        samples, positions_selection(lengths, keep), aggregation="token-mean",
         seq_multiple=layout.seq_multiple, num_micro_batches=num_micro, pad_rows=layout.vpp is not None)
     outs = forward_backward(chunks, micro_batches, _forward_only_loss, vocab_size=vocab_size,
-                            forward_only=True, sum_p2=sum_p2, output_mask=KEPT_FIELD)
+                            forward_only=True, sum_p2=sum_p2, output_mask=KEPT_FIELD,
+                            temperature=temperature)
     owner = (parallel_state.is_pipeline_last_stage()
              and parallel_state.get_tensor_model_parallel_rank() == 0)
     if owner:  # each CP rank owns its own positions

@@ -95,9 +95,11 @@ class Trainer:
         dist.all_gather_object(self.replica_of, parallel_state.get_data_parallel_rank(), group=cpu_group())
         self.replica = self.replica_of[self.rank]
         self.engine = self._build_engine()
+        # The reference policy: a frozen copy of the initial weights, sharded like the policy.
+        need_ref = cfg.loss.kl_beta > 0 or (bingo.enabled and bingo.scorer == "reference_proxy")
+        self.ref_model = self._build_model(wrap=False) if need_ref else None
         if bingo.enabled:  # the engines still hold the reference (initial) weights here
             self.scorer = build_scorer(bingo.scorer, bingo.scorer_path)
-            self.ref_model = self._build_model(wrap=False) if bingo.scorer == "reference_proxy" else None
             self.ref_lengths = self._reference_lengths()
         if self.step > 0:  # the engines start from the HF weights: bring them to the checkpoint
             self.sync()
@@ -178,32 +180,13 @@ class Trainer:
         selection = self.select(batch)
         with tel.phase("advantage"):
             samples = self.advantages(batch, samples, selection, metrics)
-        num_micro = -(-len(samples) // cfg.parallel.micro_batch_size)
-        if self.layout.vpp:  # the interleaved schedule runs micro-batches in groups of pp
-            num_micro = -(-num_micro // self.layout.pp) * self.layout.pp
-        micro_batches = build_micro_batches(
-            samples, selection, aggregation=cfg.loss.aggregation, seq_multiple=self.layout.seq_multiple,
-            num_micro_batches=num_micro, pad_rows=self.layout.vpp is not None)
+        with tel.phase("logprobs"):
+            samples = self.policy_inputs(samples, selection, metrics)
         with tel.phase("train"):
-            for chunk in self.model:
-                chunk.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            outs = forward_backward(self.model, micro_batches, nat_loss_fn(cfg.loss),
-                                    vocab_size=self.arch.vocab_size, output_mask=KEPT_FIELD,
-                                    entropy=cfg.loss.entropy_coef > 0)
-            loss, mismatch, tokens = self._reduce_last_stage(outs, micro_batches)
-            grad_norm = float("nan")
-            finite = math.isfinite(loss)
-            if finite:
-                # Megatron's fp32 optimizer steps on non-finite grads without checking: look at
-                # the global grad norm first (prepare_grads is idempotent; step() repeats it).
-                self.optimizer.prepare_grads()
-                grad_norm = float(self.optimizer.get_grad_norm())
-                finite = math.isfinite(grad_norm)
-            if finite:
-                self.optimizer.step()
-                self.scheduler.step(increment=1)
-            self._count_skip(finite, loss, grad_norm)
+            updates = [self.update(samples, selection, part)
+                       for _ in range(cfg.train.epochs)
+                       for part in torch.arange(len(samples)).tensor_split(cfg.train.mini_batches)]
+            self.scheduler.step(increment=1)  # the LR schedule counts RL steps
         with tel.phase("sync"):
             sync = self.sync()
         self.step += 1
@@ -214,17 +197,98 @@ class Trainer:
         w_max = self._max_over_ranks(selection.weight_max)
         r_mean = r_sum / max(n_rewards, 1)
         r_std = math.sqrt(max(r_sq - n_rewards * r_mean ** 2, 0.0) / max(n_rewards - 1, 1))
+        first = updates[0]  # its weights are the rollout's: the engine-vs-trainer gap is meaningful
+        metrics.setdefault("logprob_mismatch/mean", first["mismatch"][0])
+        metrics.setdefault("logprob_mismatch/max", first["mismatch"][1])
+        kept, forward = (sum(u["tokens"][i] for u in updates[:cfg.train.mini_batches]) for i in (0, 1))
         return {"reward/mean": r_mean, "reward/std": r_std,
                 "reward/accuracy": float(batch.step_correct.float().mean()),
                 **{f"reward/status_{k}": v for k, v in sorted(batch.status.items())},
                 "response/length_mean": n_tokens / max(batch.step_lengths.numel(), 1),
-                "nat/kept_fraction": tokens[0] / max(n_tokens, 1), "nat/weight_max": w_max,
-                "nat/weight_mean": w_sum / max(w_kept, 1), "loss": loss, "grad_norm": grad_norm,
-                "logprob_mismatch/mean": mismatch[0], "logprob_mismatch/max": mismatch[1],
+                "nat/kept_fraction": kept / max(n_tokens, 1), "nat/weight_max": w_max,
+                "nat/weight_mean": w_sum / max(w_kept, 1),
+                "loss": sum(u["loss"] for u in updates) / len(updates),
+                "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
+                **{f"loss/{k}": sum(u["metrics"][k] for u in updates) / len(updates) for k in first["metrics"]
+                   if k != "ratio_max"},
+                "loss/ratio_max": max(u["metrics"]["ratio_max"] for u in updates),
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens/generated": n_tokens,
-                "tokens/kept": tokens[0], "tokens/forward": tokens[1],
+                "tokens/kept": kept, "tokens/forward": forward,
                 "rollout/tokens_per_s": n_tokens / max(rollout_s, 1e-9),
                 "sync/gb": sync["bytes"] / 1024**3, **metrics}
+
+    def policy_inputs(self, samples: list[Sample], selection: Selection, metrics: dict) -> list[Sample]:
+        """What the loss needs beyond the rollout, on the kept positions only (forward-only passes
+        over the same truncated prefixes as the policy's): the reference policy's log-probs (KL
+        term), and with loss.old_logprobs=recompute the trainer's own pi_old, from which the
+        truncated importance weights min(pi_old / pi_rollout, loss.tis_cap) follow."""
+        loss = self.cfg.loss
+        keep = selection.mask
+        if loss.kl_beta > 0:
+            ref = self.forward_stats(self.ref_model, samples, keep)["logprobs"]
+            samples = [dataclasses.replace(s, ref_logprobs=ref[j, :len(s.response)].clone())
+                       for j, s in enumerate(samples)]
+        if loss.old_logprobs == "recompute":
+            old = self.forward_stats(self.model, samples, keep)["logprobs"]
+            rollout = torch.zeros_like(old)
+            for j, s in enumerate(samples):
+                rollout[j, :len(s.old_logprobs)] = s.old_logprobs
+            log_w = (old - rollout)[keep]
+            n, gap_sum = self._over_replicas(log_w.numel(), float(log_w.abs().sum()))
+            metrics["logprob_mismatch/mean"] = gap_sum / max(n, 1)
+            metrics["logprob_mismatch/max"] = self._max_over_ranks(float(log_w.abs().max()) if n else 0.0)
+            tis = None
+            if loss.tis_cap is not None:
+                w = torch.exp(old - rollout)
+                tis = torch.where(keep, w.clamp(max=loss.tis_cap), torch.ones_like(w))
+                _, w_sum, capped = self._over_replicas(n, float(tis[keep].sum()), int((w[keep] > loss.tis_cap).sum()))
+                metrics.update({"tis/weight_mean": w_sum / max(n, 1), "tis/capped_fraction": capped / max(n, 1),
+                                 "tis/weight_max": self._max_over_ranks(float(tis[keep].max()) if keep.any() else 1.0)})
+            samples = [dataclasses.replace(s, old_logprobs=torch.where(keep[j, :len(s.response)],
+                                                                       old[j, :len(s.response)], s.old_logprobs),
+                                           tis_weights=None if tis is None else tis[j, :len(s.response)].clone())
+                       for j, s in enumerate(samples)]
+        return samples
+
+    def update(self, samples: list[Sample], selection: Selection, part: torch.Tensor) -> dict:
+        """One optimizer step on the mini-batch `part` of this replica's samples. Its normaliser
+        is its own (the full lengths of its samples over all replicas), as in the peers."""
+        cfg = self.cfg
+        mine = [samples[i] for i in part.tolist()]
+        sel = Selection(mask=selection.mask[part], prob=selection.prob[part], cut=selection.cut[part],
+                        lengths=selection.lengths[part])
+        num_micro = -(-len(mine) // cfg.parallel.micro_batch_size)
+        if self.layout.vpp:  # the interleaved schedule runs micro-batches in groups of pp
+            num_micro = -(-num_micro // self.layout.pp) * self.layout.pp
+        micro_batches = build_micro_batches(
+            mine, sel, aggregation=cfg.loss.aggregation, seq_multiple=self.layout.seq_multiple,
+            num_micro_batches=num_micro, pad_rows=self.layout.vpp is not None)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outs = forward_backward(self.model, micro_batches, nat_loss_fn(cfg.loss),
+                                vocab_size=self.arch.vocab_size, output_mask=KEPT_FIELD,
+                                entropy=cfg.loss.entropy_coef > 0, temperature=cfg.rollout.temperature)
+        out = self._reduce_last_stage(outs, micro_batches)
+        grad_norm = float("nan")
+        finite = math.isfinite(out["loss"])
+        if finite:
+            # Megatron's fp32 optimizer steps on non-finite grads without checking: look at
+            # the global grad norm first (prepare_grads is idempotent; step() repeats it).
+            self.optimizer.prepare_grads()
+            grad_norm = float(self.optimizer.get_grad_norm())
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self._count_skip(finite, out["loss"], grad_norm)
+        return {**out, "grad_norm": grad_norm}
+
+    def forward_stats(self, model: list, samples: list[Sample], keep: torch.Tensor, **kwargs) -> dict:
+        """Forward-only per-token statistics of `model` at the `keep` positions (token_stats.py),
+        of the distribution the engines sample from (logits / rollout.temperature)."""
+        return token_stats(model, samples, keep, layout=self.layout, vocab_size=self.arch.vocab_size,
+                           micro_batch_size=self.cfg.parallel.micro_batch_size,
+                           temperature=self.cfg.rollout.temperature, **kwargs)
 
     def select(self, batch: RolloutBatch) -> Selection:
         """The NAT selection of this replica's samples, drawn from (seed, step, step-wide sample
@@ -251,8 +315,8 @@ class Trainer:
         kept = selection.mask
         last_kept = (kept * torch.arange(1, kept.shape[1] + 1)).amax(1)
         prefix = proxy_prefix_lengths(lengths, last_kept, group)
-        stats = token_stats(self.model, samples, prefix, layout=self.layout, vocab_size=self.arch.vocab_size,
-                            micro_batch_size=self.cfg.parallel.micro_batch_size, sum_p2=True)
+        stats = self.forward_stats(self.model, samples, torch.arange(kept.shape[1])[None] < prefix[:, None],
+                                   sum_p2=True)
         pos = torch.arange(stats["logprobs"].shape[1])[None]
         mask = pos < lengths[:, None]
         proxy = torch.where(pos < prefix[:, None], logit_gradient_proxy(stats["logprobs"], stats["sum_p2"]), 0.0)
@@ -272,9 +336,8 @@ class Trainer:
                               old_logprobs=torch.zeros(len(c.token_ids)), advantage=0.0)
                        for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)]
             lengths = torch.tensor([len(s.response) for s in samples])
-            lp = token_stats(self.ref_model, samples, lengths, layout=self.layout,
-                             vocab_size=self.arch.vocab_size,
-                             micro_batch_size=self.cfg.parallel.micro_batch_size)["logprobs"]
+            everything = torch.arange(max(int(lengths.max()), 1))[None] < lengths[:, None]
+            lp = self.forward_stats(self.ref_model, samples, everything)["logprobs"]
             ref_lps = [lp[j, :n] for j, n in enumerate(lengths.tolist())]
         texts = self.tokenizer.batch_decode([c.token_ids for c in batch.completions], skip_special_tokens=True)
         keep = self.scorer.keep_probs(texts, [c.token_ids for c in batch.completions], ref_lps)
@@ -352,14 +415,19 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
         return float(t)
 
-    def _reduce_last_stage(self, outs, micro_batches) -> tuple[float, tuple[float, float], tuple[int, int]]:
-        """Global loss (sum / global normaliser), engine-vs-trainer log-prob gap, and the
-        (kept, forward) token counts of the step, on all ranks.
-
-        The gap compares the rollout's log-probs with the trainer's on the kept tokens, computed
-        by the same weights (the engine was synced after the last update).
+    def _reduce_last_stage(self, outs, micro_batches) -> dict:
+        """The update's numbers on all ranks: "loss" (sum / global normaliser), "mismatch" (mean
+        and max |rollout - trainer| log-prob over kept tokens; the engine holds the trainer's
+        weights at the first update), "tokens" (kept, fed forward) and the loss's own
+        "metrics" (nat/loss.py), combined over micro-batches and ranks by their HT weight sums.
         """
-        s = torch.zeros(6, dtype=torch.float64)  # loss_sum, count, |diff| sum, kept, forward, max |diff|
+        # The same names on every rank (stages without the loss have no outputs).
+        means = ["clip_fraction", "clip_high_fraction", "clip_low_fraction", "ratio_mean"]
+        means += ["kl_mean"] if self.cfg.loss.kl_beta > 0 else []
+        means += ["entropy_mean"] if self.cfg.loss.entropy_coef > 0 else []
+        # loss_sum, count, |diff| sum, kept, forward, weight_sum, then weighted metric sums
+        s = torch.zeros(6 + len(means), dtype=torch.float64)
+        peak = torch.zeros(2, dtype=torch.float64)  # max |diff|, max ratio
         on_owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         if on_owner:
             longest = max(mb.seq_len for mb in micro_batches)
@@ -373,12 +441,20 @@ class Trainer:
                 s[2] += float(diff.sum())
                 s[3] += diff.numel()
                 s[4] += int((mb.fields["response_pos"] > 0).sum())  # response tokens fed forward
-                s[5] = max(float(s[5]), float(diff.max()) if diff.numel() else 0.0)
-        peak = s[5:].clone()
-        dist.all_reduce(s[:5], group=cpu_group())
+                m = o["metrics"]
+                w = float(m["weight_sum"])
+                s[5] += w
+                for k, name in enumerate(means):
+                    s[6 + k] += float(m[name]) * w
+                peak[0] = max(float(peak[0]), float(diff.max()) if diff.numel() else 0.0)
+                if int(m["kept_tokens"]):
+                    peak[1] = max(float(peak[1]), float(m["ratio_max"]))
+        dist.all_reduce(s, group=cpu_group())
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=cpu_group())
-        return (float(s[0] / s[1].clamp(min=1)), (float(s[2] / s[3].clamp(min=1)), float(peak)),
-                (int(s[3]), int(s[4])))
+        metrics = {name: float(s[6 + k] / s[5].clamp(min=1e-30)) for k, name in enumerate(means)}
+        metrics["ratio_max"] = float(peak[1])
+        return {"loss": float(s[0] / s[1].clamp(min=1)), "mismatch": (float(s[2] / s[3].clamp(min=1)), float(peak[0])),
+                "tokens": (int(s[3]), int(s[4])), "metrics": metrics}
 
     def _count_skip(self, finite: bool, loss: float, grad_norm) -> None:
         """NaN/inf loss or grad norm: skip this update, go on; too many in a row stop the run."""

@@ -107,7 +107,7 @@ def test_loss_fn_equals_nat_loss_on_the_full_grid(aggregation, scheme, budget):
         on = mb.fields["response_pos"] > 0
         stats = {k: torch.where(on, x[row[:, None], col], torch.zeros(())) for k, x in
                  (("logprobs", lp), ("entropy", ent))}
-        loss_sum, c = fn(stats, mb)
+        loss_sum, c, _ = fn(stats, mb)
         total, count = total + loss_sum, count + c
     old = torch.nn.utils.rnn.pad_sequence([s.old_logprobs for s in samples], batch_first=True)
     ref = torch.nn.utils.rnn.pad_sequence([s.ref_logprobs for s in samples], batch_first=True)
@@ -134,7 +134,7 @@ def test_every_sample_cut_to_zero_keeps_one_prompt_row():
     assert len(mbs) == 1 and mbs[0].tokens.shape[0] == 1 and mbs[0].count == int(lengths.sum())
     assert mbs[0].seq_len % 4 == 0 and not (mbs[0].fields["response_pos"] > 0).any()
     stats = {"logprobs": torch.full(mbs[0].tokens.shape, -1.0, requires_grad=True)}
-    loss_sum, _ = nat_loss_fn(LossConfig())(stats, mbs[0])
+    loss_sum, _, _ = nat_loss_fn(LossConfig())(stats, mbs[0])
     loss_sum.backward()  # connected to the graph, with zero gradient
     assert float(loss_sum) == 0.0 and not stats["logprobs"].grad.any()
 
@@ -213,5 +213,5 @@ def test_pad_rows_keeps_the_micro_batch_count_when_samples_are_skipped():
     assert sum(int((mb.fields["response_pos"] == 1).sum()) for mb in mbs) == live
     fn = nat_loss_fn(LossConfig(aggregation="seq-mean-token-mean"))
     for mb in mbs:  # empty micro-batches still give a loss connected to the graph
-        loss_sum, _ = fn({"logprobs": torch.zeros(mb.tokens.shape, requires_grad=True)}, mb)
+        loss_sum, *_ = fn({"logprobs": torch.zeros(mb.tokens.shape, requires_grad=True)}, mb)
         assert loss_sum.requires_grad

@@ -335,3 +335,54 @@ def test_bad_loss_inputs_raise():
         group_advantages(torch.zeros(6), 3, scale="mad")
     with pytest.raises(ValueError, match="aggregation"):
         normaliser_count(torch.tensor([3]), "sum")
+
+
+def test_kl_estimators_by_hand():
+    from nat_megatron.nat.loss import kl_penalty
+
+    lp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    d = math.log(0.5) - math.log(0.25)  # log(pi / pi_ref) = log 2
+    assert float(kl_penalty(lp, ref, "k1")) == pytest.approx(d)
+    assert float(kl_penalty(lp, ref, "k2")) == pytest.approx(0.5 * d * d)
+    assert float(kl_penalty(lp, ref, "k3")) == pytest.approx(0.5 - math.log(0.5) - 1)  # r - log r - 1
+    # k3 is clamped like verl's low_var_kl: log-ratio to +-20, the estimate to +-10.
+    assert float(kl_penalty(torch.tensor([0.0]), torch.tensor([-5.0]), "k3")) == pytest.approx(
+        math.exp(-5) + 5 - 1)
+    assert float(kl_penalty(torch.tensor([0.0]), torch.tensor([-50.0]), "k3")) == 10.0
+    assert float(kl_penalty(torch.tensor([-50.0]), torch.tensor([0.0]), "k3")) == 10.0
+    # The estimator enters the loss with kl_beta; on-policy, so the PG term is -A.
+    for est, value in (("k1", d), ("k2", 0.5 * d * d)):
+        cfg = LossConfig(kl_beta=0.5, kl_estimator=est)
+        loss, metrics = _one_token(math.log(0.5), math.log(0.5), 1.0, cfg, ref=math.log(0.25))
+        assert loss == pytest.approx(-1.0 + 0.5 * value)
+        assert float(metrics["kl_mean"]) == pytest.approx(value)
+
+
+def test_dual_clip_and_tis_by_hand():
+    cfg = LossConfig(eps_low=0.2, eps_high=0.2, clip_ratio_c=3.0)
+    # rho = 5, A = -1: plain PPO gives max(5, 1.2) = 5; dual clip caps it at -A * c = 3.
+    assert _one_token(math.log(5.0), 0.0, -1.0, cfg)[0] == pytest.approx(3.0)
+    assert _one_token(math.log(5.0), 0.0, -1.0, LossConfig())[0] == pytest.approx(5.0)
+    # A > 0 is untouched by the dual clip: min(5 * 2, 1.2 * 2) -> -2.4.
+    assert _one_token(math.log(5.0), 0.0, 2.0, cfg)[0] == pytest.approx(-2.4)
+    # TIS weights multiply the policy term (not the KL term), per token.
+    lp = torch.zeros(1, 2)
+    tis = torch.tensor([[0.5, 2.0]])
+    loss, _, _, _ = token_objective(lp, lp, torch.tensor([1.0]), LossConfig(kl_beta=1.0, kl_estimator="k1"),
+                                    ref_logprobs=lp - 1.0, tis_weights=tis)
+    assert torch.allclose(loss, torch.tensor([[-0.5 + 1.0, -2.0 + 1.0]]))
+    # Clip sides: rho 0.5 with A < 0 is clipped low, rho 1.5 with A > 0 clipped high.
+    _, low = _one_token(math.log(0.5), 0.0, -1.0, LossConfig())
+    _, high = _one_token(math.log(1.5), 0.0, 1.0, LossConfig())
+    assert float(low["clip_low_fraction"]) == 1.0 and float(low["clip_high_fraction"]) == 0.0
+    assert float(high["clip_high_fraction"]) == 1.0 and float(high["ratio_max"]) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kl_estimator="k4"), "kl_estimator"), (dict(clip_ratio_c=1.0), "clip_ratio_c"),
+    (dict(tis_cap=2.0), "tis_cap needs"), (dict(tis_cap=0.0, old_logprobs="recompute"), "tis_cap"),
+    (dict(old_logprobs="engine"), "old_logprobs"),
+])
+def test_new_loss_keys_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kwargs)

@@ -146,7 +146,8 @@ def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
     group = torch.arange(n) // 2
     last = (sel.mask * torch.arange(1, sel.mask.shape[1] + 1)).amax(1)
     prefix = proxy_prefix_lengths(sel.lengths, last, group)
-    stats = token_stats(ddp, samples, prefix, layout=lay, vocab_size=vocab, micro_batch_size=2,
+    keep = torch.arange(int(sel.lengths.max()))[None] < prefix[:, None]
+    stats = token_stats(ddp, samples, keep, layout=lay, vocab_size=vocab, micro_batch_size=2,
                         sum_p2=True)
     pos = torch.arange(stats["logprobs"].shape[1])[None]
     mask = pos < sel.lengths[:, None]

@@ -36,6 +36,9 @@ def check_synced(res, engines):
         assert all(gap <= TOL for gap in r["synced"]), r  # after each step's sync
         assert r["trained_vs_initial"] > 100 * TOL and r["engine_trained_vs_initial"] > 100 * TOL, r
         assert r["scalars"] == res[0]["scalars"]  # every rank logs the same step
+        # rollout.temperature = 0.7 (the default job's): the trainer scores the engine's samples
+        # with logits / T; ignoring T would leave a large gap.
+        assert r["gap_with_temperature"] <= TOL < 100 * TOL <= r["gap_ignoring_temperature"], r
 
 
 def check_sync_memory(res, engine_tp):

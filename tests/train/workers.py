@@ -22,7 +22,7 @@ def tiny_overrides(hf_dir: str, tmp: str, **kw) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def megatron_logprobs(chunks, arch, seqs: list[list[int]]) -> list[torch.Tensor]:
+def megatron_logprobs(chunks, arch, seqs: list[list[int]], temperature: float = 1.0) -> list[torch.Tensor]:
     """log p(seq[t+1] | seq[:t+1]) for t < len-1 of each sequence, on every rank (any tp/pp)."""
     from megatron.core import parallel_state as ps
 
@@ -33,7 +33,7 @@ def megatron_logprobs(chunks, arch, seqs: list[list[int]]) -> list[torch.Tensor]
         tok = torch.tensor([s])
         mbs.append(MicroBatch(tokens=tok, targets=torch.cat([tok[:, 1:], tok[:, :1]], dim=1), count=1))
     outs = forward_backward(chunks, mbs, lambda st, mb: (st["logprobs"].sum(), mb.count),
-                            vocab_size=arch.vocab_size, forward_only=True)
+                            vocab_size=arch.vocab_size, forward_only=True, temperature=temperature)
     # One rank contributes each value: the last stage's first TP rank of DP replica 0.
     owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
              and ps.get_data_parallel_rank() == 0)
@@ -110,7 +110,25 @@ def sync_memory(trainer) -> dict:
             "model_bytes": arch.num_params() * 4, "own_trainer_bytes": own}
 
 
-def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: dict | None = None) -> dict:
+def temperature_gap(trainer, seqs: list[list[int]]) -> dict:
+    """The engine samples at rollout.temperature and reports that distribution's log-probs; the
+    trainer's log-probs of the same tokens with logits / T match them, without / T they do not."""
+    prompts = [s[:-4] for s in seqs]
+    groups = trainer.engine.generate(prompts, trainer.sampling, seeds=list(range(len(prompts))))
+    sampled = [p + c.token_ids for p, g in zip(prompts, groups) for c in g]
+    engine = [torch.tensor(c.logprobs, dtype=torch.float64) for g in groups for c in g]
+    for c in trainer.model:
+        c.eval()
+    out = {}
+    for name, t in (("gap_with_temperature", trainer.cfg.rollout.temperature), ("gap_ignoring_temperature", 1.0)):
+        lps = megatron_logprobs(trainer.model, trainer.arch, sampled, temperature=t)
+        mine = [lp[len(p) - 1:] for lp, p in zip(lps, [p for p, g in zip(prompts, groups) for _ in g])]
+        out[name] = _mean_abs(engine, mine)
+    return out
+
+
+def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: dict | None = None,
+                 extra: dict | None = None) -> dict:
     """Train `steps` steps of the tiny model with vLLM rollouts; after every step compare each
     engine's log-probs of fixed sequences with the trainer's Megatron forward. Every rank
     returns its own figures (its engine's)."""
@@ -120,7 +138,7 @@ def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: 
 
     over = tiny_overrides(hf_dir, tmp, **{f"parallel.{k}": v for k, v in parallel.items()},
                           **{f"rollout.{k}": v for k, v in (rollout or {}).items()},
-                          **{"train.steps": steps, "checkpoint.every": 1000})
+                          **{"train.steps": steps, "checkpoint.every": 1000, **(extra or {})})
     cfg = load_config(CONFIG, over)
     trainer = Trainer(cfg)
     try:
@@ -138,14 +156,15 @@ def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: 
         scalars, synced = [], []
         for _ in range(steps):
             out = trainer.train_step()
-            scalars.append({k: float(out[k]) for k in ("loss", "grad_norm", "reward/mean", "reward/std",
-                                                       "logprob_mismatch/mean", "tokens/generated")})
+            scalars.append({k: float(v) for k, v in out.items()
+                            if k.startswith(("loss", "grad_norm", "reward/", "logprob_mismatch", "tokens/", "tis/"))})
             mg, eng = compare()
             synced.append(_mean_abs(eng, mg))
         final_mg, final_engine = mg, eng
+        temperature = temperature_gap(trainer, seqs)
         memory = sync_memory(trainer)
         return {"rank": dist.get_rank(), "engine": trainer.engines.engine_of(dist.get_rank()), **memory,
-                "scalars": scalars, "tokens": sum(len(s) - 1 for s in seqs),
+                "scalars": scalars, "tokens": sum(len(s) - 1 for s in seqs), **temperature,
                 "init_engine_vs_megatron": _mean_abs(init_engine, init_mg),
                 "synced": synced,
                 "synced_max": float(torch.cat([x - y for x, y in zip(final_engine, final_mg)]).abs().max()),
