@@ -341,6 +341,28 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Held-out accuracy through the rollout engines, on `path` (a .jsonl/.parquet file) or the
+    embedded arithmetic test split (path null). samples_per_prompt=1: greedy pass@1; k > 1: k
+    samples per prompt at rollout.temperature, pass@1 and the unbiased pass@k."""
+
+    every: int = 0  # evaluate every N steps (0: never)
+    at_start: bool = False  # before the first step of a fresh run
+    at_end: bool = False  # after the last step
+    path: str | None = None
+    limit: int | None = None  # evaluate the first N prompts only
+    samples_per_prompt: int = 1
+
+    def __post_init__(self):
+        _at_least(self, 0, "every")
+        _at_least(self, 1, "limit", "samples_per_prompt")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every or self.at_start or self.at_end)
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     """TensorBoard scalars (null dir disables), log cadence, NVML GPU metrics."""
 
@@ -368,6 +390,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if self.train.device == "cpu":

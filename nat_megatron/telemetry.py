@@ -180,6 +180,17 @@ class Telemetry:
         parts += [mem, f"{per_step:.1f}s/step", f"ETA {format_duration(eta)}"]
         return " | ".join(parts)
 
+    def log_scalars(self, step: int, scalars: dict, line: str) -> None:
+        """Scalars outside the step cadence (evaluation): TensorBoard and one line, rank 0."""
+        if self.rank != 0:
+            return
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                if math.isfinite(float(value)):
+                    self.writer.add_scalar(tag, float(value), step)
+            self.writer.flush()
+        self.info(line)
+
     def info(self, message: str) -> None:
         """One log line, rank 0 only."""
         if self.rank == 0:

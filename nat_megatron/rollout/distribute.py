@@ -54,53 +54,74 @@ class RolloutBatch:
 Score = tuple[float, bool, str]  # reward, correct, status
 
 
-def collect(groups: Sequence[list[Completion]], prompts: Sequence, *, layout: EngineLayout,
-            replica: int, replicas: int, replica_of: Sequence[int],
-            score: Callable[[list[int], list[Completion]], list[Score]],
-            group: dist.ProcessGroup) -> RolloutBatch:
-    """This replica's RolloutBatch from this engine's `groups` (a collective over `group`).
+@dataclass
+class StepScores:
+    """Every sample of a step, in step order (prompt i's samples at i*G..i*G+G-1), on every rank."""
 
-    groups: the completions of this rank's engine, for its share of `prompts` (the step's
-    prompts, the same on every rank). replica_of[r]: the data-parallel replica of global rank r.
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    lengths: torch.Tensor
+    status: Counter
+    group_size: int
+
+
+def gather_scores(groups: Sequence[list[Completion]], num_prompts: int, *, layout: EngineLayout,
+                  score: Callable[[list[int], list[Completion]], list[Score]],
+                  group: dist.ProcessGroup) -> StepScores:
+    """Score each sample exactly once (the ranks of an engine split its samples) and give every
+    rank the step's scores and response lengths (a collective over `group`).
+
+    groups: the completions of this rank's engine, for its share of the step's prompts.
     score(prompt_indices, completions) -> one Score per completion.
     """
     rank = dist.get_rank()
     engine = layout.engine_of(rank)
-    share = layout.prompt_share(engine, len(prompts))
+    share = layout.prompt_share(engine, num_prompts)
     if len(groups) != len(share):
         raise ValueError(f"engine {engine} sampled {len(groups)} groups for {len(share)} prompts")
-    G = len(groups[0]) if groups else 0
-    flat = [(i, c) for i, g in zip(share, groups) for c in g]
-    # This rank's part of the engine's samples: every tp-th one.
     local = rank - layout.ranks(engine)[0]
-    part = flat[local::layout.tp]
-    ids = [i * len(g) + k for i, g in zip(share, groups) for k in range(len(g))][local::layout.tp]
-    scored = list(zip(ids, score([i for i, _ in part], [c for _, c in part])))
+    flat = [(i, k, c) for i, g in zip(share, groups) for k, c in enumerate(g)][local::layout.tp]
+    scores = score([i for i, _, _ in flat], [c for _, _, c in flat])
+    mine = [(i, k, *sc) for (i, k, _), sc in zip(flat, scores)]
     lengths = {i: [len(c.token_ids) for c in g] for i, g in zip(share, groups)} if local == 0 else {}
     gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (scored, lengths, G), group=group)
-
-    G = max(g for _, _, g in gathered)
-    n = len(prompts) * G
-    rewards, correct = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
-    step_lengths = torch.zeros(n, dtype=torch.long)
-    status = Counter()
-    for scores, lens, _ in gathered:
-        for j, (r, ok, st) in scores:
-            rewards[j], correct[j] = r, ok
-            status[st] += 1
+    dist.all_gather_object(gathered, (mine, lengths), group=group)
+    G = max((len(ls) for _, lens in gathered for ls in lens.values()), default=0)
+    n = num_prompts * G
+    out = StepScores(rewards=torch.zeros(n), correct=torch.zeros(n, dtype=torch.bool),
+                     lengths=torch.zeros(n, dtype=torch.long), status=Counter(), group_size=G)
+    for part, lens in gathered:
+        for i, k, reward, ok, status in part:
+            out.rewards[i * G + k], out.correct[i * G + k] = reward, ok
+            out.status[status] += 1
         for i, ls in lens.items():
-            step_lengths[i * G:(i + 1) * G] = torch.tensor(ls)
+            out.lengths[i * G:(i + 1) * G] = torch.tensor(ls)
+    return out
+
+
+def collect(groups: Sequence[list[Completion]], prompts: Sequence, *, layout: EngineLayout,
+            replicas: int, replica_of: Sequence[int],
+            score: Callable[[list[int], list[Completion]], list[Score]],
+            group: dist.ProcessGroup) -> RolloutBatch:
+    """This replica's RolloutBatch from this engine's `groups` (a collective over `group`).
+
+    prompts: the step's prompts, the same on every rank. replica_of[r]: the data-parallel
+    replica of global rank r. Whole groups go to replicas, balanced by tokens.
+    """
+    scores = gather_scores(groups, len(prompts), layout=layout, score=score, group=group)
+    G = scores.group_size
     prompt_tokens = torch.tensor([len(p.prompt_ids) for p in prompts])
-    group_tokens = (step_lengths.view(-1, G) + prompt_tokens[:, None]).sum(1)
+    group_tokens = (scores.lengths.view(-1, G) + prompt_tokens[:, None]).sum(1)
     owner = assign_groups(group_tokens.tolist(), replicas)
+    share = layout.prompt_share(layout.engine_of(dist.get_rank()), len(prompts))
     mine = route(groups, share, owner, layout=layout, replica_of=replica_of, group=group)
-    take = torch.tensor([i * G + k for i in sorted(mine) for k in range(G)], dtype=torch.long)
-    return RolloutBatch(prompts=[prompts[i] for i in sorted(mine)], prompt_index=sorted(mine),
-                        completions=[c for i in sorted(mine) for c in mine[i]],
-                        rewards=rewards[take], correct=correct[take], group_size=G,
-                        step_rewards=rewards, step_correct=correct, step_lengths=step_lengths,
-                        status=status)
+    order = sorted(mine)
+    take = torch.tensor([i * G + k for i in order for k in range(G)], dtype=torch.long)
+    return RolloutBatch(prompts=[prompts[i] for i in order], prompt_index=order,
+                        completions=[c for i in order for c in mine[i]],
+                        rewards=scores.rewards[take], correct=scores.correct[take], group_size=G,
+                        step_rewards=scores.rewards, step_correct=scores.correct,
+                        step_lengths=scores.lengths, status=scores.status)
 
 
 def route(groups: Sequence[list[Completion]], share: range, owner: Sequence[int], *,

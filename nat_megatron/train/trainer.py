@@ -38,7 +38,8 @@ from nat_megatron.parallel.distributed import cpu_group, init_distributed, repli
 from nat_megatron.rewards.bingo import DynamicLambda, ReferenceLengths, bingo_bonus
 from nat_megatron.rewards.registry import score_batch
 from nat_megatron.rewards.significance import build_scorer, count_significant
-from nat_megatron.rollout.distribute import RolloutBatch, collect
+from nat_megatron.rewards.passk import mean_and_se, pass_at_k
+from nat_megatron.rollout.distribute import RolloutBatch, collect, gather_scores
 from nat_megatron.rollout.engine import SamplingConfig
 from nat_megatron.rollout.layout import EngineLayout, request_seed
 from nat_megatron.rollout.weight_sync import hf_weight_stream, sync_weights
@@ -82,6 +83,10 @@ class Trainer:
         self.data = DataIterator(dataset.examples, batch_size=cfg.train.prompts_per_step,
                                  seed=cfg.train.seed)
         self.prompt_key = {ex.uid: i for i, ex in enumerate(dataset.examples)}
+        self.eval_prompts = None
+        if cfg.eval.enabled:
+            held_out = dataclasses.replace(cfg.data, path=cfg.eval.path, split="test", limit=cfg.eval.limit)
+            self.eval_prompts = load_dataset(held_out, self.tokenizer).examples
         self.step, self.skipped_in_a_row = 0, 0
         bingo = cfg.reward.bingo
         self.bingo_lambda = DynamicLambda.from_config(bingo) if bingo.enabled else None
@@ -93,7 +98,6 @@ class Trainer:
         self.engines = EngineLayout(world=dist.get_world_size(), tp=r.tp)
         self.replica_of = [None] * dist.get_world_size()
         dist.all_gather_object(self.replica_of, parallel_state.get_data_parallel_rank(), group=cpu_group())
-        self.replica = self.replica_of[self.rank]
         self.engine = self._build_engine()
         # The reference policy: a frozen copy of the initial weights, sharded like the policy.
         need_ref = cfg.loss.kl_beta > 0 or (bingo.enabled and bingo.scorer == "reference_proxy")
@@ -168,7 +172,7 @@ class Trainer:
             rollout_s = time.perf_counter() - t0
             self.engine.sleep()  # GPU memory to the trainer until the weight sync
         with tel.phase("reward"):
-            batch = collect(groups, prompts, layout=self.engines, replica=self.replica, replicas=self.layout.dp,
+            batch = collect(groups, prompts, layout=self.engines, replicas=self.layout.dp,
                             replica_of=self.replica_of, group=cpu_group(),
                             score=lambda idx, comps: self.score(prompts, idx, comps))
             metrics = {}
@@ -512,13 +516,46 @@ class Trainer:
             copy_tokenizer_files(self.hf_dir, out)
         dist.barrier()
 
+    def evaluate(self) -> dict:
+        """Held-out accuracy of the engines' current weights (eval.*): every engine samples its
+        share of the prompts, each sample is scored once, every rank gets the figures."""
+        e, r = self.cfg.eval, self.cfg.rollout
+        k = e.samples_per_prompt
+        sampling = dataclasses.replace(self.sampling, n=k, temperature=r.temperature if k > 1 else 0.0)
+        prompts = self.eval_prompts
+        start = time.perf_counter()
+        groups = self.generate(prompts, step=-2, sampling=sampling)
+        scores = gather_scores(groups, len(prompts), layout=self.engines, group=cpu_group(),
+                               score=lambda idx, comps: self.score(prompts, idx, comps))
+        correct = scores.correct.view(len(prompts), k).sum(1).tolist()
+        out = {"eval/prompts": len(prompts), "eval/seconds": time.perf_counter() - start,
+               "eval/response_length_mean": float(scores.lengths.float().mean())}
+        for kk in sorted({1, k}):
+            mean, se = mean_and_se([pass_at_k(k, c, kk) for c in correct])
+            out[f"eval/pass@{kk}"], out[f"eval/pass@{kk}_se"] = mean, se
+        return out
+
+    def log_eval(self, scalars: dict) -> None:
+        k = self.cfg.eval.samples_per_prompt
+        how = "greedy" if k == 1 else f"{k} samples at T={self.cfg.rollout.temperature}"
+        line = (f"eval after step {self.step}: pass@1 {scalars['eval/pass@1']:.4f} +- "
+                f"{scalars['eval/pass@1_se']:.4f}"
+                + (f", pass@{k} {scalars[f'eval/pass@{k}']:.4f} +- {scalars[f'eval/pass@{k}_se']:.4f}" if k > 1 else "")
+                + f" ({int(scalars['eval/prompts'])} prompts, {how}, {scalars['eval/seconds']:.0f}s)")
+        self.telemetry.log_scalars(self.step, scalars, line)
+
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
-        every = self.cfg.checkpoint.every
+        every, ev = self.cfg.checkpoint.every, self.cfg.eval
+        if ev.at_start and self.step == 0:
+            self.log_eval(self.evaluate())
         while self.step < self.cfg.train.steps:
             scalars = self.train_step()
             self.telemetry.log_step(self.step, scalars)
-            if self.step % every == 0 or self.step == self.cfg.train.steps:
+            last = self.step == self.cfg.train.steps
+            if (ev.every and self.step % ev.every == 0) or (ev.at_end and last):
+                self.log_eval(self.evaluate())
+            if self.step % every == 0 or last:
                 self.save()
         if self.cfg.checkpoint.export_dir() is not None:
             self.export_hf(self.cfg.checkpoint.export_dir())

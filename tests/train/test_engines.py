@@ -20,10 +20,10 @@ TOL = 1e-4  # mean |engine - trainer| log-prob after a sync, fp32 (measured ~2e-
 SLACK = 16 * 1024**2  # allocator, Python objects
 
 
-def run(nprocs, hf_dir, tmp_path, parallel, rollout, steps=2, timeout=420):
+def run(nprocs, hf_dir, tmp_path, parallel, rollout, steps=2, timeout=420, extra=None):
     res = launch("tests.train.workers:trainer_sync", nprocs, timeout=timeout, hf_dir=hf_dir,
                  tmp=str(tmp_path), steps=steps, parallel={"world_size": nprocs, **parallel},
-                 rollout=rollout)
+                 rollout=rollout, extra=extra)
     print(res)
     return res
 
@@ -63,8 +63,20 @@ def test_smollm2_pp2_two_engines(tmp_path):
 
 @pytest.mark.dist
 def test_dp2_one_tp2_engine(tiny_smollm2, tmp_path):
-    res = run(2, tiny_smollm2, tmp_path, {"tp": 1, "pp": 1}, {"tp": 2})
+    # Also: KL to the reference, pi_old recomputed with TIS, dual clip, 2 mini-batches x 2
+    # epochs (4 optimizer steps per rollout), and held-out evaluation with 3 samples per prompt.
+    extra = {"loss.kl_beta": 0.05, "loss.old_logprobs": "recompute", "loss.tis_cap": 2.0,
+             "loss.clip_ratio_c": 3.0, "train.mini_batches": 2, "train.epochs": 2,
+             "eval.at_end": "true", "eval.limit": 6, "eval.samples_per_prompt": 3}
+    res = run(2, tiny_smollm2, tmp_path, {"tp": 1, "pp": 1}, {"tp": 2}, extra=extra)
     check_synced(res, engines=1)
+    for r in res:
+        s = r["scalars"][0]
+        assert s["loss/kl_mean"] > 0 and 0 <= s["loss/clip_fraction"] <= 1 and s["loss/ratio_max"] > 1, s
+        assert s["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4), s  # fp32 engine == trainer
+        e = r["eval"]
+        assert e["eval/prompts"] == 6 and 0 <= e["eval/pass@1"] <= e["eval/pass@3"] <= 1, e
+        assert e == {**res[0]["eval"], "eval/seconds": e["eval/seconds"]}
 
 
 @pytest.mark.dist

@@ -17,7 +17,7 @@ def train(tmp_path, steps, *extra):
     cmd = [sys.executable, "-m", "nat_megatron.train", "--config",
            str(ROOT / "examples/configs/smollm2-135m-cpu.yaml"), f"train.steps={steps}",
            "train.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=24",
-           "checkpoint.every=1", f"checkpoint.dir={tmp_path / 'ck'}",
+           "checkpoint.every=1", f"checkpoint.dir={tmp_path / 'ck'}", "eval.limit=8",
            f"telemetry.tensorboard_dir={tmp_path / 'tb'}", *extra]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -31,6 +31,12 @@ def test_default_job_trains_and_exports(tmp_path):
     # One launch (resuming is tested on the tiny model: test_kill_resume.py).
     out = train(tmp_path, 1, "--export-hf", str(tmp_path / "hf"))
     assert "step 1/1" in out and "logprob_mismatch/mean" in out
+    # The default job evaluates before the first and after the last step (here on 8 problems).
+    assert "eval after step 0: pass@1 " in out and "eval after step 1: pass@1 " in out, out[-3000:]
+    assert "(8 prompts, greedy" in out
+    # T = 0.7: the engines report the sampled distribution's log-probs, the trainer uses logits / T.
+    mismatch = float(out.split("logprob_mismatch/mean ")[1].split()[0])
+    assert mismatch <= 1e-4, out[-3000:]
     assert (tmp_path / "ck" / "step_000001" / "metadata.json").is_file()
     assert (tmp_path / "ck" / "latest").read_text() == "step_000001"
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

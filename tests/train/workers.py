@@ -162,9 +162,10 @@ def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: 
             synced.append(_mean_abs(eng, mg))
         final_mg, final_engine = mg, eng
         temperature = temperature_gap(trainer, seqs)
+        evaluation = trainer.evaluate() if trainer.cfg.eval.enabled else {}
         memory = sync_memory(trainer)
         return {"rank": dist.get_rank(), "engine": trainer.engines.engine_of(dist.get_rank()), **memory,
-                "scalars": scalars, "tokens": sum(len(s) - 1 for s in seqs), **temperature,
+                "scalars": scalars, "tokens": sum(len(s) - 1 for s in seqs), **temperature, "eval": evaluation,
                 "init_engine_vs_megatron": _mean_abs(init_engine, init_mg),
                 "synced": synced,
                 "synced_max": float(torch.cat([x - y for x, y in zip(final_engine, final_mg)]).abs().max()),
