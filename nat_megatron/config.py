@@ -199,6 +199,8 @@ class RolloutConfig:
     kv_cache_gb: float | None = None
     sync_bucket_mb: float = 512.0
     dtype: str = "bf16"
+    filter_groups: bool = False  # DAPO dynamic sampling: train only on groups with unequal rewards
+    max_resample: int = 0  # with filter_groups: extra rounds of prompts to fill the step
 
     def __post_init__(self):
         _one_of("rollout.engine", self.engine, ROLLOUT_ENGINES)
@@ -206,6 +208,9 @@ class RolloutConfig:
         _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",
                f"must be in (0, 1), got {self.gpu_memory_utilization}")
         _check(self.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
+        _at_least(self, 0, "max_resample")
+        _check(self.filter_groups or not self.max_resample, "rollout.max_resample",
+               "resampling refills groups dropped by rollout.filter_groups: set filter_groups=true or 0")
         _one_of("rollout.dtype", self.dtype, ("bf16", "fp32"))  # what rollout/engine.py takes
         _check(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
@@ -222,6 +227,8 @@ class RewardConfig:
     name: str = "math_verify"
     timeout: float = 5.0  # seconds per sample
     bingo: BingoConfig = field(default_factory=BingoConfig)
+    overlong_buffer: int = 0  # DAPO: the last N tokens before rollout.max_new_tokens are penalised
+    overlong_penalty: float = 1.0  # ... linearly, down to -overlong_penalty at the limit
 
     def __post_init__(self):
         from nat_megatron.rewards import available_rewards
@@ -229,6 +236,7 @@ class RewardConfig:
         _check(self.name in available_rewards(), "reward.name",
                f"unknown reward {self.name!r}; use one of {available_rewards()}")
         _check(self.timeout > 0, "reward.timeout", f"must be > 0 seconds, got {self.timeout}")
+        _at_least(self, 0, "overlong_buffer", "overlong_penalty")
 
 
 @dataclass(frozen=True)
@@ -410,6 +418,9 @@ class Config:
         _check(self.rollout.group_size >= 2, "rollout.group_size",
                "GRPO and OTB baseline each response against its group: with 1 sample per prompt every "
                f"advantage is 0 and nothing trains; use >= 2, got {self.rollout.group_size}")
+        _check(self.reward.overlong_buffer <= self.rollout.max_new_tokens, "reward.overlong_buffer",
+               f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}, got "
+               f"{self.reward.overlong_buffer}")
         _check(self.train.mini_batches <= self.rollout.group_size, "train.mini_batches",
                f"each data-parallel replica holds at least one group of rollout.group_size="
                f"{self.rollout.group_size} samples; use at most that many mini-batches, got "

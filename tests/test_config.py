@@ -132,3 +132,18 @@ def test_rl_algorithm_keys_and_their_bad_values():
     ]:
         with pytest.raises(ValueError, match=message):
             load_config(CPU, overrides)
+
+
+def test_dynamic_sampling_and_overlong_keys():
+    cfg = load_config(CPU, ["rollout.filter_groups=true", "rollout.max_resample=2", "reward.overlong_buffer=16"])
+    assert cfg.rollout.max_resample == 2 and cfg.reward.overlong_buffer == 16
+    for overrides, message in [
+        (["rollout.max_resample=2"], "rollout.max_resample: resampling refills"),
+        (["rollout.filter_groups=true", "rollout.max_resample=-1"], "rollout.max_resample: must be >= 0"),
+        (["reward.overlong_buffer=1000"], "reward.overlong_buffer: must be at most"),
+        (["reward.overlong_penalty=-1"], "reward.overlong_penalty: must be >= 0"),
+        (["eval.samples_per_prompt=0"], "eval.samples_per_prompt: must be >= 1"),
+        (["eval.every=-1"], "eval.every: must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(CPU, overrides)

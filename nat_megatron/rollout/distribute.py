@@ -1,7 +1,8 @@
 """A step's rollouts, from the engines that sampled them to the replicas that train on them.
 
-    groups = engine.generate(...)                      # this engine's share (rollout/layout.py)
-    batch = collect(groups, prompts, score=..., ...)   # this replica's RolloutBatch
+    groups = engine.generate(...)                            # this engine's share (layout.py)
+    scores = gather_scores(groups, share, n, score=...)      # every sample scored once
+    batch = collect(mine, prompts, keep, scores, ...)        # this replica's RolloutBatch
 
 Every sample is scored exactly once: the ranks of an engine hold the same samples and split
 the scoring between them. The scores and response lengths (a few numbers per sample) are
@@ -64,19 +65,29 @@ class StepScores:
     status: Counter
     group_size: int
 
+    def __add__(self, more: "StepScores") -> "StepScores":
+        """The scores of more prompts (a resampling round) after these."""
+        return StepScores(torch.cat([self.rewards, more.rewards]), torch.cat([self.correct, more.correct]),
+                          torch.cat([self.lengths, more.lengths]), self.status + more.status,
+                          max(self.group_size, more.group_size))
 
-def gather_scores(groups: Sequence[list[Completion]], num_prompts: int, *, layout: EngineLayout,
-                  score: Callable[[list[int], list[Completion]], list[Score]],
+    def informative(self) -> torch.Tensor:
+        """[prompts] bool: the group's rewards are not all equal (so GRPO has a signal)."""
+        r = self.rewards.view(-1, self.group_size)
+        return (r != r[:, :1]).any(1)
+
+
+def gather_scores(groups: Sequence[list[Completion]], share: range, num_prompts: int, *,
+                  layout: EngineLayout, score: Callable[[list[int], list[Completion]], list[Score]],
                   group: dist.ProcessGroup) -> StepScores:
     """Score each sample exactly once (the ranks of an engine split its samples) and give every
-    rank the step's scores and response lengths (a collective over `group`).
+    rank the scores and response lengths of all `num_prompts` prompts (a collective).
 
-    groups: the completions of this rank's engine, for its share of the step's prompts.
+    groups: the completions of this rank's engine, for prompts `share` (indices < num_prompts).
     score(prompt_indices, completions) -> one Score per completion.
     """
     rank = dist.get_rank()
     engine = layout.engine_of(rank)
-    share = layout.prompt_share(engine, num_prompts)
     if len(groups) != len(share):
         raise ValueError(f"engine {engine} sampled {len(groups)} groups for {len(share)} prompts")
     local = rank - layout.ranks(engine)[0]
@@ -99,42 +110,42 @@ def gather_scores(groups: Sequence[list[Completion]], num_prompts: int, *, layou
     return out
 
 
-def collect(groups: Sequence[list[Completion]], prompts: Sequence, *, layout: EngineLayout,
-            replicas: int, replica_of: Sequence[int],
-            score: Callable[[list[int], list[Completion]], list[Score]],
+def collect(mine: dict[int, list[Completion]], prompts: Sequence, keep: Sequence[int], scores: StepScores, *,
+            layout: EngineLayout, replicas: int, replica_of: Sequence[int],
             group: dist.ProcessGroup) -> RolloutBatch:
-    """This replica's RolloutBatch from this engine's `groups` (a collective over `group`).
+    """This replica's RolloutBatch: the groups `keep` (indices into `prompts`) go whole to the
+    data-parallel replicas, balanced by tokens (a collective over `group`).
 
-    prompts: the step's prompts, the same on every rank. replica_of[r]: the data-parallel
-    replica of global rank r. Whole groups go to replicas, balanced by tokens.
+    mine: this rank's engine's groups by prompt index. prompts: every prompt sampled this step,
+    the same on every rank; scores: theirs. replica_of[r]: the replica of global rank r.
     """
-    scores = gather_scores(groups, len(prompts), layout=layout, score=score, group=group)
     G = scores.group_size
-    prompt_tokens = torch.tensor([len(p.prompt_ids) for p in prompts])
-    group_tokens = (scores.lengths.view(-1, G) + prompt_tokens[:, None]).sum(1)
-    owner = assign_groups(group_tokens.tolist(), replicas)
-    share = layout.prompt_share(layout.engine_of(dist.get_rank()), len(prompts))
-    mine = route(groups, share, owner, layout=layout, replica_of=replica_of, group=group)
-    order = sorted(mine)
+    keep = list(keep)
+    prompt_tokens = torch.tensor([len(prompts[i].prompt_ids) for i in keep])
+    group_tokens = (scores.lengths.view(-1, G)[keep] + prompt_tokens[:, None]).sum(1)
+    owner = dict(zip(keep, assign_groups(group_tokens.tolist(), replicas)))
+    received = route(mine, owner, layout=layout, replica_of=replica_of, group=group)
+    order = sorted(received)
     take = torch.tensor([i * G + k for i in order for k in range(G)], dtype=torch.long)
     return RolloutBatch(prompts=[prompts[i] for i in order], prompt_index=order,
-                        completions=[c for i in order for c in mine[i]],
+                        completions=[c for i in order for c in received[i]],
                         rewards=scores.rewards[take], correct=scores.correct[take], group_size=G,
                         step_rewards=scores.rewards, step_correct=scores.correct,
                         step_lengths=scores.lengths, status=scores.status)
 
 
-def route(groups: Sequence[list[Completion]], share: range, owner: Sequence[int], *,
-          layout: EngineLayout, replica_of: Sequence[int], group: dist.ProcessGroup
-          ) -> dict[int, list[Completion]]:
-    """Send each group from its engine's first rank to every rank of its owner replica.
+def route(mine: dict[int, list[Completion]], owner: dict[int, int], *, layout: EngineLayout,
+          replica_of: Sequence[int], group: dist.ProcessGroup) -> dict[int, list[Completion]]:
+    """Send each group in `owner` from its engine's first rank to every rank of its replica.
 
     Returns {prompt index: completions} of the groups this rank's replica trains on.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     sends = [[] for _ in range(world)]
     if rank == layout.ranks(layout.engine_of(rank))[0]:
-        for i, g in zip(share, groups):
+        for i, g in sorted(mine.items()):
+            if i not in owner:
+                continue
             packed = _pack(i, g)
             for dst in range(world):
                 if replica_of[dst] == owner[i]:

@@ -62,3 +62,12 @@ def assign_groups(group_tokens: list[int], replicas: int) -> list[int]:
         owner[g] = r
         load[r] += group_tokens[g]
     return owner
+
+
+def choose_groups(informative: list[bool], need: int, replicas: int) -> list[int]:
+    """DAPO's dynamic sampling: the first `need` informative groups (rewards not all equal), in
+    order; if fewer than `replicas` are informative, uninformative ones fill up to one per
+    data-parallel replica (their advantages are 0: they keep every replica in the step)."""
+    useful = [i for i, ok in enumerate(informative) if ok][:need]
+    fill = [i for i, ok in enumerate(informative) if not ok][:max(0, replicas - len(useful))]
+    return sorted(useful + fill)

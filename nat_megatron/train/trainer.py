@@ -39,9 +39,10 @@ from nat_megatron.rewards.bingo import DynamicLambda, ReferenceLengths, bingo_bo
 from nat_megatron.rewards.registry import score_batch
 from nat_megatron.rewards.significance import build_scorer, count_significant
 from nat_megatron.rewards.passk import mean_and_se, pass_at_k
-from nat_megatron.rollout.distribute import RolloutBatch, collect, gather_scores
+from nat_megatron.rewards.shaping import overlong_penalty
+from nat_megatron.rollout.distribute import RolloutBatch, StepScores, collect, gather_scores
 from nat_megatron.rollout.engine import SamplingConfig
-from nat_megatron.rollout.layout import EngineLayout, request_seed
+from nat_megatron.rollout.layout import EngineLayout, choose_groups, request_seed
 from nat_megatron.rollout.weight_sync import hf_weight_stream, sync_weights
 from nat_megatron.telemetry import Telemetry
 from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn
@@ -146,13 +147,55 @@ class Trainer:
                              seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------ the RL step
-    def generate(self, prompts, *, step: int, sampling: SamplingConfig | None = None) -> list:
+    def generate(self, prompts, *, step: int, sampling: SamplingConfig | None = None,
+                 offset: int = 0) -> tuple[range, list]:
         """This rank's engine samples its share of `prompts` (rollout/layout.py), each prompt
-        with its own seed: a resumed run samples exactly what the uninterrupted one did."""
+        with its own seed (from its index + offset in the step): a resumed run samples exactly
+        what the uninterrupted one did. Returns (the share's indices, their groups)."""
         share = self.engines.prompt_share(self.engines.engine_of(self.rank), len(prompts))
-        seeds = [request_seed(self.cfg.train.seed, step, i) for i in share]
-        return self.engine.generate([list(prompts[i].prompt_ids) for i in share],
-                                    sampling or self.sampling, seeds)
+        seeds = [request_seed(self.cfg.train.seed, step, offset + i) for i in share]
+        return share, self.engine.generate([list(prompts[i].prompt_ids) for i in share],
+                                           sampling or self.sampling, seeds)
+
+    def rollout(self, prompts) -> tuple[dict, list, StepScores, list[int], dict]:
+        """Sample and score the step's groups; with rollout.filter_groups (DAPO's dynamic
+        sampling) drop the groups whose rewards are all equal (no GRPO signal) and, up to
+        rollout.max_resample times, sample more prompts until prompts_per_step groups are left.
+
+        Returns this engine's groups by prompt index, every prompt sampled, their scores (after
+        reward.overlong_* shaping), the indices of the groups to train on, and metrics. Filtering
+        looks at the reward before the Bingo bonus. At least one group per data-parallel replica
+        is kept (uninformative ones fill up, with zero advantage), so every replica trains.
+        """
+        r = self.cfg.rollout
+        mine, every, scores, rounds, generate_s = {}, [], None, 0, 0.0
+        while True:
+            offset = len(every)
+            every += prompts
+            t0 = time.perf_counter()
+            share, groups = self.generate(prompts, step=self.step, offset=offset)
+            dist.barrier(group=cpu_group())  # every engine done: the generation's wall time
+            generate_s += time.perf_counter() - t0
+            mine.update({offset + i: g for i, g in zip(share, groups)})
+            more = gather_scores(groups, share, len(prompts), layout=self.engines, group=cpu_group(),
+                                 score=lambda idx, comps: self.score(every, [offset + i for i in idx], comps))
+            more.rewards = more.rewards + overlong_penalty(more.lengths, max_len=r.max_new_tokens,
+                                                           buffer=self.cfg.reward.overlong_buffer,
+                                                           penalty=self.cfg.reward.overlong_penalty)
+            scores = more if scores is None else scores + more
+            need = self.cfg.train.prompts_per_step
+            if not r.filter_groups or int(scores.informative().sum()) >= need or rounds >= r.max_resample:
+                break
+            rounds += 1
+            prompts = self.data.next_batch()
+        keep = list(range(len(every)))
+        metrics = {"rollout/generate_s": generate_s}
+        if r.filter_groups:
+            useful = scores.informative()
+            keep = choose_groups(useful.tolist(), need, self.layout.dp)
+            metrics.update({"rollout/informative_groups": int(useful.sum()), "rollout/resample_rounds": rounds,
+                            "rollout/trained_groups": len(keep)})
+        return mine, every, scores, keep, metrics
 
     def score(self, prompts, prompt_indices: list[int], completions: list) -> list:
         """(reward, correct, status) of each completion against its prompt's reference answer."""
@@ -165,17 +208,12 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, tel = self.cfg, self.telemetry
         prompts = self.data.next_batch()
-        with tel.phase("rollout"):
-            t0 = time.perf_counter()
-            groups = self.generate(prompts, step=self.step)
-            dist.barrier(group=cpu_group())  # every engine done: the rollout's wall time
-            rollout_s = time.perf_counter() - t0
+        with tel.phase("rollout"):  # generation and scoring (each sample once, spread over ranks)
+            mine, every, scores, keep, metrics = self.rollout(prompts)
             self.engine.sleep()  # GPU memory to the trainer until the weight sync
         with tel.phase("reward"):
-            batch = collect(groups, prompts, layout=self.engines, replicas=self.layout.dp,
-                            replica_of=self.replica_of, group=cpu_group(),
-                            score=lambda idx, comps: self.score(prompts, idx, comps))
-            metrics = {}
+            batch = collect(mine, every, keep, scores, layout=self.engines, replicas=self.layout.dp,
+                            replica_of=self.replica_of, group=cpu_group())
             if cfg.reward.bingo.enabled:
                 batch.rewards = batch.rewards + self.bingo_bonus(batch, metrics)
         samples = [Sample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(c.token_ids, dtype=torch.long),
@@ -218,7 +256,7 @@ class Trainer:
                 "loss/ratio_max": max(u["metrics"]["ratio_max"] for u in updates),
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens/generated": n_tokens,
                 "tokens/kept": kept, "tokens/forward": forward,
-                "rollout/tokens_per_s": n_tokens / max(rollout_s, 1e-9),
+                "rollout/tokens_per_s": n_tokens / max(metrics["rollout/generate_s"], 1e-9),
                 "sync/gb": sync["bytes"] / 1024**3, **metrics}
 
     def policy_inputs(self, samples: list[Sample], selection: Selection, metrics: dict) -> list[Sample]:
@@ -379,8 +417,8 @@ class Trainer:
         if self.rank == 0:
             print(f"bingo: reference responses for {len(missing)} prompts", flush=True)
         todo = [prompts[k] for k in missing]
-        outs = [g[0] for g in self.generate(todo, step=-1, sampling=dataclasses.replace(self.sampling, n=1))]
-        share = self.engines.prompt_share(self.engines.engine_of(self.rank), len(todo))
+        share, groups = self.generate(todo, step=-1, sampling=dataclasses.replace(self.sampling, n=1))
+        outs = [g[0] for g in groups]
         counts = []
         if self.rank == self.engines.ranks(self.engines.engine_of(self.rank))[0]:
             texts = self.tokenizer.batch_decode([c.token_ids for c in outs], skip_special_tokens=True)
@@ -524,8 +562,8 @@ class Trainer:
         sampling = dataclasses.replace(self.sampling, n=k, temperature=r.temperature if k > 1 else 0.0)
         prompts = self.eval_prompts
         start = time.perf_counter()
-        groups = self.generate(prompts, step=-2, sampling=sampling)
-        scores = gather_scores(groups, len(prompts), layout=self.engines, group=cpu_group(),
+        share, groups = self.generate(prompts, step=-2, sampling=sampling)
+        scores = gather_scores(groups, share, len(prompts), layout=self.engines, group=cpu_group(),
                                score=lambda idx, comps: self.score(prompts, idx, comps))
         correct = scores.correct.view(len(prompts), k).sum(1).tolist()
         out = {"eval/prompts": len(prompts), "eval/seconds": time.perf_counter() - start,

@@ -24,3 +24,15 @@ def test_mean_and_se_by_hand():
     assert mean_and_se([]) == (0.0, 0.0) and mean_and_se([0.5]) == (0.5, 0.0)
     mean, se = mean_and_se([1.0, 0.0, 1.0, 0.0])
     assert mean == 0.5 and se == pytest.approx(math.sqrt((4 * 0.25 / 3) / 4))
+
+
+def test_overlong_penalty_by_hand():
+    import torch
+
+    from nat_megatron.rewards.shaping import overlong_penalty
+
+    lengths = torch.tensor([10, 80, 90, 95, 100])
+    # max 100, buffer 20: free up to 80 tokens, then -penalty * (L - 80) / 20.
+    got = overlong_penalty(lengths, max_len=100, buffer=20, penalty=1.0)
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, -0.5, -0.75, -1.0]))
+    assert torch.equal(overlong_penalty(lengths, max_len=100, buffer=0, penalty=1.0), torch.zeros(5))
