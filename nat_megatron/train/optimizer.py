@@ -32,12 +32,12 @@ def build_optimizer(chunks: list, *, lr: float, min_lr: float = 0.0, weight_deca
                     clip_grad: float = 1.0,
                     optimizer: str = "adam", use_distributed_optimizer: bool = True,
                     adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
-                    bf16: bool = False):
+                    sgd_momentum: float = 0.9, bf16: bool = False):
     """Megatron optimizer over DDP-wrapped chunks (torch Adam/SGD when Apex/TE are absent)."""
     cfg = OptimizerConfig(
         # min_lr lands in every param group, where Megatron's LR scheduler reads it.
         optimizer=optimizer, lr=lr, min_lr=min_lr, weight_decay=weight_decay, clip_grad=clip_grad,
-        adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
+        adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps, sgd_momentum=sgd_momentum,
         use_distributed_optimizer=use_distributed_optimizer, bf16=bf16,
     )
     return get_megatron_optimizer(cfg, chunks)

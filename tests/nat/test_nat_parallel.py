@@ -84,3 +84,17 @@ def test_layout_matches_single_process(reference, name):
     for k in ("logprobs", "sum_p2"):
         assert (got["otb_stats"][k] - ref["otb_stats"][k]).abs().max() <= TOL, (name, k)
     assert_close(got["otb"], ref["otb"], f"{name} otb")
+    # Two mini-batches, two optimizer steps, KL on: the same weight updates as one process.
+    check_updates(got["two_updates"], ref["two_updates"], name)
+
+
+def check_updates(got: dict, ref: dict, what: str):
+    # The gradients of both updates, the second at the weights the first step made...
+    for i, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
+        for k in r:
+            assert rel(g[k], r[k]) <= TOL, f"{what}: update {i + 1} grad {k} rel diff {rel(g[k], r[k])}"
+    # ...and the weights after both steps (every one moved; their fp32 rounding near 1 limits a
+    # comparison of the small updates themselves, hence the gradients above).
+    for k, w in ref["after"].items():
+        assert (w - ref["before"][k]).abs().max() > 0, k
+        assert rel(got["after"][k], w) <= TOL, f"{what}: weights {k} rel diff {rel(got['after'][k], w)}"

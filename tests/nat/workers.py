@@ -161,6 +161,38 @@ def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
     return stats, _loss_and_grads(ddp, mbs, nat_loss_fn(LossConfig()), vocab, KEPT_FIELD)
 
 
+def _two_updates(ddp, samples, sel, lay, vocab) -> dict:
+    """The trainer's update loop: the samples in two mini-batches, one optimizer (SGD) step
+    each, with the KL term on. On rank 0: the gradients of both updates (the second one at the
+    weights the first step made) and the full weights before and after."""
+    from dataclasses import replace
+
+    from nat_megatron.nat.selection import Selection
+    from nat_megatron.train.optimizer import build_optimizer
+
+    g = torch.Generator().manual_seed(7)
+    samples = [replace(s, ref_logprobs=s.old_logprobs + 0.3 * torch.randn(len(s.response), generator=g))
+               for s in samples]
+    # Plain SGD: the update is linear in the gradients (Adam's first step is not, see
+    # tests/parallel).
+    opt = build_optimizer(ddp, lr=0.05, optimizer="sgd", sgd_momentum=0.0, use_distributed_optimizer=False,
+                          clip_grad=0.0)
+    cfg = LossConfig(kl_beta=0.5, kl_estimator="k3")
+    before, grads = gather_full(ddp), []
+    for part in torch.arange(len(samples)).tensor_split(2):
+        mine = [samples[i] for i in part.tolist()]
+        sub = Selection(sel.mask[part], sel.prob[part], sel.cut[part], sel.lengths[part])
+        mbs = build_micro_batches(mine, sub, aggregation=cfg.aggregation, seq_multiple=seq_multiple_for(lay),
+                                  num_micro_batches=2, pad_rows=lay.vpp is not None)
+        for c in ddp:
+            c.zero_grad_buffer()
+        opt.zero_grad()
+        forward_backward(ddp, mbs, nat_loss_fn(cfg), vocab_size=vocab, output_mask=KEPT_FIELD)
+        grads.append(gather_full(ddp, grads=True))
+        opt.step()
+    return {"before": before, "after": gather_full(ddp), "grads": grads}
+
+
 def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4):
     """Every NAT check under one layout; a dict on global rank 0, None elsewhere."""
     lay = Layout(**layout)
@@ -215,5 +247,7 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                                    num_micro_batches=micro_batches)
         result["none"] = _loss_and_grads(ddp, none, nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
         result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
+    # Last: it changes the weights.
+    result["two_updates"] = _two_updates(ddp, samples, sels["rpc"], lay, arch.vocab_size)
     shutdown()
     return result if dist_rank0() else None
