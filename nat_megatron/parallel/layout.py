@@ -66,9 +66,9 @@ def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None =
                     global_batch: int | None = None, micro_batch_size: int = 1) -> None:
     """Raise ValueError naming the first rule the layout breaks for this model.
 
-    Optional checks: gpus_per_node (tensor parallelism stays inside a node, on NVLink) and
-    global_batch / micro_batch_size (the step splits into whole micro-batches per DP rank,
-    and the interleaved schedule's micro-batch count rule).
+    Optional checks: gpus_per_node (tensor parallelism stays inside a node, on NVLink),
+    global_batch / micro_batch_size (see _check_batch: only what cannot run) and seq_len (an
+    exact length that is fed unpadded, e.g. a conversion check; the trainer pads its own).
     """
     tp, pp = layout.tp, layout.pp
     if world_size is not None and world_size != layout.world_size:
@@ -106,18 +106,19 @@ def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None =
 
 
 def _check_batch(layout: Layout, global_batch: int, micro_batch_size: int) -> None:
+    """Only what cannot run. A global batch that dp * micro_batch_size does not divide still
+    runs: DP ranks take uneven shares (a rank may get none: batching.build_micro_batches gives
+    it one zero-weight row), and the interleaved schedule's whole groups of pp micro-batches
+    are met by zero-weight micro-batches (train/forward_backward.py)."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    per_step = layout.dp * micro_batch_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"global batch {global_batch} is not a multiple of dp*micro_batch_size = "
-            f"{layout.dp}*{micro_batch_size}; change the batch, dp or the micro-batch size"
-        )
-    m = global_batch // per_step
-    # Megatron's interleaved schedule runs micro-batches in groups of pp per model chunk.
-    if layout.vpp is not None and (m < layout.pp or m % layout.pp):
-        raise ValueError(
-            f"{m} micro-batches per DP rank: the interleaved schedule (vpp={layout.vpp}) needs "
-            f"a multiple of pp={layout.pp}; change the batch or unset vpp"
-        )
+    if global_batch < 1:
+        raise ValueError(f"global batch {global_batch} must be >= 1 sequence")
+
+
+def micro_batches_per_rank(layout: Layout, global_batch: int, micro_batch_size: int) -> int:
+    """Micro-batches the schedule runs per step on the most loaded DP rank: its share of the
+    batch in micro-batches, rounded up to whole groups of pp under the interleaved schedule."""
+    share = -(-global_batch // layout.dp)
+    m = max(1, -(-share // micro_batch_size))
+    return -(-m // layout.pp) * layout.pp if layout.vpp is not None else m

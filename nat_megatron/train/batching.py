@@ -153,11 +153,17 @@ def build_micro_batches(samples: Sequence[Sample], selection: Selection, *, aggr
     """Truncate every sample to its kept prefix and group the rows into MicroBatches.
 
     `selection` is `selection.sample(...)` over these samples' response lengths, in order.
-    pad_rows=True gives every micro-batch the same number of rows and, with num_micro_batches,
+    An empty `samples` list (a data-parallel rank that got no sample; `selection` None) gives
+    one micro-batch of one all-zero row with count 0, so the rank still takes part in the
+    schedule and the gradient all-reduce. pad_rows=True gives every micro-batch the same number of rows and, with num_micro_batches,
     makes exactly that many micro-batches (zero-weight rows and micro-batches): the
     interleaved schedule needs one shape for the whole step and a fixed micro-batch count.
     """
     _check(samples, selection, seq_multiple)
+    if not samples:  # a rank without samples (fewer samples than DP ranks) still runs the step
+        count = num_micro_batches if pad_rows and num_micro_batches else 1
+        return [_micro_batch([], selection, [None], seq_multiple, prompt_only=None,
+                             count=0)] * count
     cuts = selection.cut.tolist()
     live = [i for i, c in enumerate(cuts) if c > 0]
     rows = [(i, len(samples[i].prompt) + cuts[i] - 1) for i in live]
@@ -189,7 +195,7 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
     """Rows for `members` (None: an empty zero-weight row) padded to s_pad positions."""
     b = len(members)
     tokens = torch.zeros(b, s_pad + 1, dtype=torch.long)  # + 1: the last target
-    with_ref = samples[0].ref_logprobs is not None
+    with_ref = bool(samples) and samples[0].ref_logprobs is not None
     names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample"]
     names += ["ref_logprobs"] if with_ref else []
     dtypes = {"response_pos": torch.long, KEPT_FIELD: torch.bool, "prob": torch.float64,
@@ -262,15 +268,16 @@ def nat_loss_fn(cfg: LossConfig):
 
 
 def _check(samples, selection, seq_multiple):
-    if not samples:
-        raise ValueError("samples is empty: pass at least one Sample")
-    if not isinstance(selection, Selection) or selection.lengths.numel() != len(samples):
+    if not samples and (selection is None or (isinstance(selection, Selection)
+                                              and selection.lengths.numel() == 0)):
+        selection = None  # nothing to select from: fine
+    elif not isinstance(selection, Selection) or selection.lengths.numel() != len(samples):
         raise ValueError("selection must be a Selection drawn for exactly these samples "
                          "(selection.sample over their response lengths, in order)")
     if isinstance(seq_multiple, bool) or not isinstance(seq_multiple, int) or seq_multiple < 1:
         raise ValueError(f"seq_multiple={seq_multiple!r} must be an int >= 1 "
                          "(seq_multiple_for(layout))")
-    with_ref = samples[0].ref_logprobs is not None
+    with_ref = bool(samples) and samples[0].ref_logprobs is not None
     for i, smp in enumerate(samples):
         T = int(selection.lengths[i])
         if smp.prompt.dim() != 1 or len(smp.prompt) < 1:

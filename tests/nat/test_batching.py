@@ -215,3 +215,18 @@ def test_pad_rows_keeps_the_micro_batch_count_when_samples_are_skipped():
     for mb in mbs:  # empty micro-batches still give a loss connected to the graph
         loss_sum, _ = fn({"logprobs": torch.zeros(mb.tokens.shape, requires_grad=True)}, mb)
         assert loss_sum.requires_grad
+
+
+def test_empty_sample_list_gives_one_zero_weight_row():
+    """A DP rank that got no sample still runs the step: one all-zero row, count 0."""
+    for pad_rows, n in ((False, 1), (True, 2)):
+        mbs = build_micro_batches([], None, aggregation="token-mean", seq_multiple=4,
+                                  num_micro_batches=2, pad_rows=pad_rows)
+        assert len(mbs) == n
+        for mb in mbs:
+            assert mb.tokens.shape == (1, 4) and mb.count == 0 and not mb.tokens.any()
+            assert not any(v.any() for v in mb.fields.values())
+            loss, count = nat_loss_fn(LossConfig())({"logprobs": torch.zeros(1, 4)}, mb)
+            assert float(loss) == 0.0 and count == 0
+    with pytest.raises(ValueError, match="selection must be a Selection"):
+        build_micro_batches(make_samples(2), None, aggregation="token-mean", num_micro_batches=1)

@@ -160,9 +160,19 @@ def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
     return stats, _loss_and_grads(ddp, mbs, nat_loss_fn(LossConfig()), vocab, KEPT_FIELD)
 
 
-def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4):
+def nat_checks_layouts(*, runs: list[dict], hf_dir: str):
+    """nat_checks for each dict of `runs` (layout, micro_batches) in one launch."""
+    out = [nat_checks(hf_dir=hf_dir, keep_groups=True, **run) for run in runs]
+    shutdown()
+    return out if dist_rank0() else None
+
+
+def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4,
+               keep_groups: bool = False):
     """Every NAT check under one layout; a dict on global rank 0, None elsewhere."""
     lay = Layout(**layout)
+    if parallel_state.model_parallel_is_initialized():  # a previous layout of this launch
+        parallel_state.destroy_model_parallel()
     init_distributed(lay, seed=1234)
     arch = ModelArch.from_hf_dir(hf_dir)
     chunks = build_model(arch, lay)
@@ -214,5 +224,6 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                                    num_micro_batches=micro_batches)
         result["none"] = _loss_and_grads(ddp, none, nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
         result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
-    shutdown()
+    if not keep_groups:
+        shutdown()
     return result if dist_rank0() else None
