@@ -27,7 +27,7 @@ from nat_megatron.data.dataset import DatasetConfig
 from nat_megatron.rewards.bingo import BingoConfig
 from nat_megatron.nat.loss import LossConfig
 from nat_megatron.nat.selection import SCHEMES
-from nat_megatron.parallel.layout import Layout
+from nat_megatron.parallel.layout import FP8_ALIGN, Layout
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
@@ -82,9 +82,14 @@ class ModelConfig:
     hf_dir: str | None = None
     hf_config: dict | None = None
     dtype: str = "bf16"
+    # FP8 GEMMs through Transformer Engine with this Megatron-Core recipe (null: off). Formats
+    # and alignment: model/build.py transformer_config, parallel/layout.py token_multiple.
+    fp8: str | None = None
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, DTYPES)
+        if self.fp8 is not None:
+            _one_of("model.fp8", self.fp8, (None, *FP8_ALIGN))
         _check(any((self.preset, self.hf_dir, self.hf_config)), "model",
                "set model.preset (a known name), model.hf_config or model.hf_dir")
         if self.preset is not None and self.preset.lower() not in _known_presets():
@@ -353,8 +358,14 @@ class Config:
 
     def __post_init__(self):
         if self.train.device == "cpu":
+            _check(self.model.fp8 is None, "model.fp8",
+                   "FP8 needs Transformer Engine's CUDA kernels and train.device=cpu has none; "
+                   "set model.fp8=null (or train.device=cuda on a GPU machine)")
             _check(self.model.dtype == "fp32", "model.dtype",
                    "train.device=cpu trains in fp32; set model.dtype=fp32")
+        _check(self.model.fp8 is None or self.model.dtype == "bf16", "model.fp8",
+               f"FP8 runs the GEMMs of a bf16 model; set model.dtype=bf16 (got "
+               f"{self.model.dtype}) or model.fp8=null")
         _check(self.loss.kl_beta == 0, "loss.kl_beta",
                "the RL trainer has no KL-to-reference term yet (GRPO/NAT runs without it); set 0")
 

@@ -22,12 +22,11 @@ sequence-parallel contract for the final norm's weight (its gradient is summed o
 finalize_model_grads, so each token must be counted on one rank only) and the output layer
 keeps its own all-gather / reduce-scatter. Padding rows repeat a real position; their logits are
 cut off before they are returned, so they carry zero weight. With FP8 (Transformer Engine) the
-selected count pads to a multiple of 16 too; without it the same path runs in the model dtype.
+selected count pads so that each rank's rows meet the recipe's GEMM alignment
+(parallel.layout.token_multiple); without it the same path runs in the model dtype.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from megatron.core import parallel_state
@@ -36,6 +35,8 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+
+from nat_megatron.parallel.layout import Layout, token_multiple
 
 
 def positions_to_index(mask: torch.Tensor) -> torch.Tensor:
@@ -55,11 +56,12 @@ def scatter_positions(values: torch.Tensor, index: torch.Tensor, batch: int, seq
 
 
 def selected_count_multiple(config) -> int:
-    """The selected token count pads to this: tp under sequence parallel, 16 under FP8."""
-    m = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
-    if getattr(config, "fp8", None):
-        m = math.lcm(m, 16)
-    return m
+    """The selected token count pads to this (parallel.layout.token_multiple, selected=True):
+    tp under sequence parallel, times the FP8 recipe's alignment under FP8."""
+    tp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
+    layout = Layout(tp=tp, sequence_parallel=tp > 1)
+    fp8 = config.fp8_recipe if getattr(config, "fp8", None) else None
+    return token_multiple(layout, fp8=fp8, selected=True)
 
 
 class SelectiveGPTModel(GPTModel):

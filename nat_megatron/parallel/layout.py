@@ -6,6 +6,7 @@ layout is rejected for the same reason, with the same message, everywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from nat_megatron.model.arch import ModelArch
@@ -40,11 +41,8 @@ class Layout:
 
     @property
     def seq_multiple(self) -> int:
-        """Every sequence length fed to the model must be a multiple of this."""
-        m = 2 * self.cp if self.cp > 1 else 1
-        if self.sequence_parallel:
-            m *= self.tp
-        return m
+        """Every sequence length fed to the model must be a multiple of this (without FP8)."""
+        return token_multiple(self)
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -59,6 +57,35 @@ class Layout:
             field = keys[key.strip()]
             kwargs[field] = val.strip().lower() in ("1", "true", "yes") if field == "sequence_parallel" else int(val)
         return cls(**kwargs)
+
+
+# Token-dimension alignment of Transformer Engine's FP8 GEMMs per Megatron-Core fp8_recipe,
+# as megatron.core.fp8_utils.get_fp8_align_size (MXFP8 scales blocks of 32 along the tokens
+# too). The recipes a config may name (model.fp8); "custom" needs a quantizer factory.
+FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+
+
+def token_multiple(layout: Layout, *, fp8: str | None = None, selected: bool = False) -> int:
+    """What a token count must be a multiple of so that every rank's share is valid.
+
+    The one place for this rule: sequence lengths (batching, the trainer, the tuner) and the
+    selected-token count of the output path (model/output.py) both come from here.
+
+    Sequence lengths: Megatron's CP load balancing cuts a sequence into 2*cp chunks, and
+    sequence parallelism splits each rank's s/cp positions over tp. With FP8 every rank's own
+    share, s/cp (s/(cp*tp) under SP, the part a rank quantises before TE's FP8 all-gather) must
+    be a multiple of the recipe's GEMM alignment; checking only the global length would let
+    s=16 through at cp=2 with 8 tokens per rank.
+    Selected counts (selected=True): a CP rank selects among its own positions, and under SP
+    the selected rows are split over tp, so each rank's k/tp rows are aligned with FP8.
+    """
+    t = layout.tp if layout.sequence_parallel else 1
+    base, split = (t, t) if selected else ((2 * layout.cp if layout.cp > 1 else 1) * t, layout.cp * t)
+    if fp8 is None:
+        return base
+    if fp8 not in FP8_ALIGN:
+        raise ValueError(f"fp8 recipe {fp8!r} is unknown; use one of {tuple(FP8_ALIGN)} or None")
+    return math.lcm(base, split * FP8_ALIGN[fp8])
 
 
 def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None = None,

@@ -15,8 +15,9 @@ small by sorting the sequences by truncated length and cutting the sorted list i
 groups, either balanced so that at most `num_micro_batches` groups have the smallest possible
 largest padded size (b * s_pad; the step's peak memory), or greedily up to `max_tokens` padded
 tokens each. tools/bench_nat.py measures the padding this saves against unsorted fixed-size
-micro-batches. Every length pads up to `seq_multiple` (`Layout.seq_multiple`, and 16 with FP8:
-`seq_multiple_for`); padding carries zero weight.
+micro-batches. Every length pads up to `seq_multiple`: `parallel.layout.token_multiple(layout,
+fp8=recipe)`, which keeps every rank's share aligned under CP, SP and FP8; padding carries
+zero weight.
 
 Per-position fields ([b, s], position t predicts token t + 1), zero on padding:
   response_pos  j + 1 where position t predicts response token j (0: prompt or padding)
@@ -36,7 +37,6 @@ knows each micro-batch's shape before the schedule runs. Draw the Selection with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,11 +61,6 @@ class Sample:
     old_logprobs: torch.Tensor
     advantage: float | torch.Tensor
     ref_logprobs: torch.Tensor | None = None
-
-
-def seq_multiple_for(layout, *, fp8: bool = False) -> int:
-    """Sequence lengths pad to this: Layout.seq_multiple (2*cp, x tp with SP), and 16 with FP8."""
-    return math.lcm(layout.seq_multiple, 16) if fp8 else layout.seq_multiple
 
 
 def plan_micro_batches(seq_lens: Sequence[int], *, seq_multiple: int = 1,
@@ -276,7 +271,7 @@ def _check(samples, selection, seq_multiple):
                          "(selection.sample over their response lengths, in order)")
     if isinstance(seq_multiple, bool) or not isinstance(seq_multiple, int) or seq_multiple < 1:
         raise ValueError(f"seq_multiple={seq_multiple!r} must be an int >= 1 "
-                         "(seq_multiple_for(layout))")
+                         "(parallel.layout.token_multiple)")
     with_ref = bool(samples) and samples[0].ref_logprobs is not None
     for i, smp in enumerate(samples):
         T = int(selection.lengths[i])

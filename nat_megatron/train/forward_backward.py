@@ -37,6 +37,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from nat_megatron.model.layers import cp_chunk_positions
 from nat_megatron.model.logprobs import vocab_parallel_token_stats
 from nat_megatron.model.output import positions_to_index, scatter_positions
+from nat_megatron.parallel.layout import Layout, token_multiple
 
 # loss_fn(stats, micro_batch) -> (loss_sum, normaliser_count). `stats` holds per-position
 # [b, s] "logprobs" (and "entropy" / "sum_p2" when requested) for this rank's positions.
@@ -106,6 +107,22 @@ def _device(t: torch.Tensor) -> torch.Tensor:
     return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
 
 
+def _check_fp8_lengths(chunks: list, micro_batches: list[MicroBatch]) -> None:
+    """Under FP8 a length that leaves a rank's share unaligned fails deep inside Transformer
+    Engine; name the rule and the fix instead."""
+    config = getattr(chunks[0], "config", None)
+    if not getattr(config, "fp8", None):
+        return
+    layout = Layout(tp=config.tensor_model_parallel_size, cp=config.context_parallel_size,
+                    sequence_parallel=config.sequence_parallel)
+    multiple = token_multiple(layout, fp8=config.fp8_recipe)
+    bad = sorted({mb.seq_len for mb in micro_batches if mb.seq_len % multiple})
+    if bad:
+        raise ValueError(f"micro-batch lengths {bad} are not multiples of {multiple}, which FP8 "
+                         f"({config.fp8_recipe}) needs for every rank's share of the tokens; "
+                         "build them with seq_multiple=token_multiple(layout, fp8=recipe)")
+
+
 def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
                      vocab_size: int, forward_only: bool = False, entropy: bool = False,
                      sum_p2: bool = False, keep_logits: bool = False,
@@ -120,6 +137,7 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
     `output_mask`: name of a bool [b, s] field of every micro-batch; only those positions reach
     the output layer and the loss (zeros elsewhere in "stats" and "logits").
     """
+    _check_fp8_lengths(chunks, micro_batches)
     given = len(micro_batches)
     if len(chunks) > 1:  # interleaved schedule: one shape and whole groups of pp (see above)
         longest = max(mb.seq_len for mb in micro_batches)

@@ -8,7 +8,7 @@ the NAT loss and gradients for RPC (truncated compute + selected outputs) and UR
 from __future__ import annotations
 
 import hashlib
-import math
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,8 @@ from nat_megatron.model.build import build_model
 from nat_megatron.nat.loss import LossConfig, grpo_loss_sum, group_advantages
 from nat_megatron.nat.selection import sample, selection_generators
 from nat_megatron.parallel.distributed import init_distributed, shutdown
-from nat_megatron.parallel.layout import Layout
-from nat_megatron.train.batching import (KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn,
-                                         seq_multiple_for)
+from nat_megatron.parallel.layout import Layout, token_multiple
+from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn
 from nat_megatron.train.forward_backward import MicroBatch, forward_backward
 from nat_megatron.train.optimizer import wrap_ddp
 from tests.parallel.workers import dist_rank0
@@ -154,7 +153,7 @@ def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
     rewards = torch.tensor([float(s.advantage) for s in samples])
     adv = optimal_token_baseline(outcome_returns(rewards, mask), proxy, mask, group)
     otb = [replace(s, advantage=adv[i, :len(s.response)].clone()) for i, s in enumerate(samples)]
-    mbs = build_micro_batches(otb, sel, aggregation="token-mean", seq_multiple=seq_multiple_for(lay),
+    mbs = build_micro_batches(otb, sel, aggregation="token-mean", seq_multiple=token_multiple(lay),
                               num_micro_batches=micro_batches, pad_rows=lay.vpp is not None)
     stats["prefix"] = prefix
     return stats, _loss_and_grads(ddp, mbs, nat_loss_fn(LossConfig()), vocab, KEPT_FIELD)
@@ -179,7 +178,7 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
     load_hf_weights(chunks, arch, HFReader(hf_dir))
     ddp = wrap_ddp(chunks, use_distributed_optimizer=False)
     samples = make_samples()
-    n, multiple = len(samples), seq_multiple_for(lay)
+    n, multiple = len(samples), token_multiple(lay)
     result = {"checks": {}}
 
     # Same selection on every rank, whatever order a rank draws it in.
@@ -206,12 +205,14 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                          if agg == "seq-mean-token-sum" else None)
         result["checks"][name] = _loss_and_grads(ddp, mbs[name], nat_loss_fn(cfg),
                                                  arch.vocab_size, KEPT_FIELD)
-    # FP8's multiple of 16 for the selected count (forced here: no Transformer Engine on CPU).
-    # The padding rows must change nothing.
+    # MXFP8's selected-count multiple (32 rows per TP rank), forced through the real rule with
+    # an FP8 view of the config (no Transformer Engine on CPU). The padding rows must change
+    # nothing.
     plain_multiple = output_module.selected_count_multiple
-    output_module.selected_count_multiple = lambda config: math.lcm(plain_multiple(config), 16)
+    output_module.selected_count_multiple = lambda config: plain_multiple(SimpleNamespace(
+        sequence_parallel=config.sequence_parallel, fp8="hybrid", fp8_recipe="mxfp8"))
     try:
-        result["rpc_pad16"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()),
+        result["rpc_pad_fp8"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()),
                                               arch.vocab_size, KEPT_FIELD)
     finally:
         output_module.selected_count_multiple = plain_multiple
