@@ -47,6 +47,8 @@ def check_common(res: dict, nprocs: int):
     sel = res["selected_vs_full"]
     assert sel["positions"] > 0
     assert sel["logits"] <= TOL and sel["logprobs"] <= TOL, sel
+    # URS through the selected last layer equals the full model at the kept positions.
+    assert_close(res["urs_full_path"], res["checks"]["urs"], "urs: full path vs selected path")
     # Selected count padded as under MXFP8 (32 per TP rank): zero-weight rows change nothing.
     assert_close(res["rpc_pad_fp8"], res["checks"]["rpc"], "selected count padded as under MXFP8")
 

@@ -205,6 +205,11 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                          if agg == "seq-mean-token-sum" else None)
         result["checks"][name] = _loss_and_grads(ddp, mbs[name], nat_loss_fn(cfg),
                                                  arch.vocab_size, KEPT_FIELD)
+    # The selected path (last layer, final norm and output layer on the kept positions only)
+    # against the full path: same loss, same gradient of every parameter.
+    urs_cfg = LossConfig(aggregation=CHECKS["urs"][2])
+    result["urs_full_path"] = _loss_and_grads(ddp, mbs["urs"], nat_loss_fn(urs_cfg),
+                                              arch.vocab_size, None)
     # MXFP8's selected-count multiple (32 rows per TP rank), forced through the real rule with
     # an FP8 view of the config (no Transformer Engine on CPU). The padding rows must change
     # nothing.
