@@ -47,6 +47,7 @@ def check_common(res: dict, nprocs: int):
     sel = res["selected_vs_full"]
     assert sel["positions"] > 0
     assert sel["logits"] <= TOL and sel["logprobs"] <= TOL, sel
+    assert res["guarded_gather_equal"]  # gather_full keeps grads on device for collectives
     # URS through the selected last layer equals the full model at the kept positions.
     assert_close(res["urs_full_path"], res["checks"]["urs"], "urs: full path vs selected path")
     # Selected count padded as under MXFP8 (32 per TP rank): zero-weight rows change nothing.

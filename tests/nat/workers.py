@@ -27,6 +27,7 @@ from nat_megatron.parallel.layout import Layout, token_multiple
 from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn
 from nat_megatron.train.forward_backward import MicroBatch, forward_backward
 from nat_megatron.train.optimizer import wrap_ddp
+from tests.device_guard import device_discipline
 from tests.parallel.workers import dist_rank0
 
 # (scheme, budget, aggregation): RPC skips some samples (cut 0) at this budget and seed.
@@ -230,6 +231,15 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                                    num_micro_batches=micro_batches)
         result["none"] = _loss_and_grads(ddp, none, nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
         result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
+    # Device discipline: gathering grads must keep them on the model's device for the
+    # collectives (NCCL on GPUs); tests/device_guard.py refuses anything else.
+    with device_discipline(ddp):
+        guarded = gather_full(ddp, grads=True)
+    plain_grads = gather_full(ddp, grads=True)
+    if plain_grads is not None:
+        result["guarded_gather_equal"] = guarded.keys() == plain_grads.keys() and all(
+            torch.equal(guarded[k], plain_grads[k]) and type(guarded[k]) is torch.Tensor
+            for k in plain_grads)
     if not keep_groups:
         shutdown()
     return result if dist_rank0() else None
