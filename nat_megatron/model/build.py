@@ -148,14 +148,22 @@ def transformer_config(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = 
 
 
 def build_model(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.float32,
-                seq_len: int | None = None, fp8: str | None = None,
+                seq_len: int | None = None, fp8: str | None = None, backend: str | None = None,
                 **config_overrides) -> list[SelectiveGPTModel]:
     """The model chunks this rank holds (one per virtual pipeline stage).
 
     parallel_state must already be initialised for `layout` (see parallel.distributed).
     fp8: the config's model.fp8 recipe (transformer_config); needs Transformer Engine on a GPU.
+    backend: "te" or "sdpa" (None: attention_backend()); tools/gpu_check.py compares both.
     """
-    if fp8 is not None and attention_backend() != "te":
+    backend = backend or attention_backend()
+    if backend not in ("te", "sdpa") or (backend == "te" and attention_backend() != "te"):
+        raise ValueError(f"backend={backend!r}: use 'sdpa', or 'te' where Transformer Engine "
+                         "and a GPU are present")
+    if fp8 is not None and backend == "sdpa" and attention_backend() == "te":
+        raise ValueError(f"model.fp8={fp8!r} runs on the Transformer Engine backend; build with "
+                         "backend='te' (the default here)")
+    if fp8 is not None and backend != "te":
         raise ValueError(
             f"model.fp8={fp8!r} needs Transformer Engine on a CUDA GPU, and this process has "
             f"{'no GPU' if not torch.cuda.is_available() else 'no usable transformer_engine'}; "
@@ -164,7 +172,6 @@ def build_model(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.f
         raise ValueError(f"model.fp8: use one of {tuple(FP8_ALIGN)} or null, got {fp8!r}")
     validate_layout(arch, layout, world_size=torch.distributed.get_world_size(), seq_len=seq_len)
     config = transformer_config(arch, layout, dtype=dtype, fp8=fp8, **config_overrides)
-    backend = attention_backend()
     spec = layer_spec(arch, backend)
     final_norm = spec.submodules.input_layernorm
     chunks = []
