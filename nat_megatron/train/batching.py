@@ -141,7 +141,7 @@ def _least_padding(order: list[int], padded: list[int], budget: int, groups: int
     return [order[i:j] for i, j in reversed(cuts)]
 
 
-def build_micro_batches(samples: Sequence[Sample], selection: Selection, *, aggregation: str,
+def build_micro_batches(samples: Sequence[Sample], selection: Selection | None, *, aggregation: str,
                         seq_multiple: int = 1, num_micro_batches: int | None = None,
                         max_tokens: int | None = None, sort: bool = True,
                         pad_rows: bool = False) -> list[MicroBatch]:
@@ -150,9 +150,10 @@ def build_micro_batches(samples: Sequence[Sample], selection: Selection, *, aggr
     `selection` is `selection.sample(...)` over these samples' response lengths, in order.
     An empty `samples` list (a data-parallel rank that got no sample; `selection` None) gives
     one micro-batch of one all-zero row with count 0, so the rank still takes part in the
-    schedule and the gradient all-reduce. pad_rows=True gives every micro-batch the same number of rows and, with num_micro_batches,
-    makes exactly that many micro-batches (zero-weight rows and micro-batches): the
-    interleaved schedule needs one shape for the whole step and a fixed micro-batch count.
+    schedule and the gradient all-reduce. pad_rows=True gives every micro-batch the same number
+    of rows and, with num_micro_batches, makes exactly that many micro-batches (zero-weight rows
+    and micro-batches): the interleaved schedule needs one shape for the whole step
+    (forward_backward rounds the count up to whole groups of pp).
     """
     _check(samples, selection, seq_multiple)
     if not samples:  # a rank without samples (fewer samples than DP ranks) still runs the step
@@ -263,10 +264,10 @@ def nat_loss_fn(cfg: LossConfig):
 
 
 def _check(samples, selection, seq_multiple):
-    if not samples and (selection is None or (isinstance(selection, Selection)
-                                              and selection.lengths.numel() == 0)):
-        selection = None  # nothing to select from: fine
-    elif not isinstance(selection, Selection) or selection.lengths.numel() != len(samples):
+    nothing = not samples and (selection is None or (isinstance(selection, Selection)
+                                                      and selection.lengths.numel() == 0))
+    if not nothing and (not isinstance(selection, Selection)
+                        or selection.lengths.numel() != len(samples)):
         raise ValueError("selection must be a Selection drawn for exactly these samples "
                          "(selection.sample over their response lengths, in order)")
     if isinstance(seq_multiple, bool) or not isinstance(seq_multiple, int) or seq_multiple < 1:
