@@ -100,7 +100,11 @@ class SelectiveGPTModel(GPTModel):
         # is shortened (not the layer bypassed) so that full-layer recompute, which replays
         # ranges of layer numbers, replays the same layers. Restored whatever happens.
         layers = decoder.layers
-        last = layers[-1] if len(layers) and self.select_last_layer else None
+        # Uniform full recompute replays ranges of recompute_num_layers layers; with more than
+        # one per range a range could reach the removed last layer: keep it in the decoder.
+        ranges = self.config.recompute_granularity == "full" and (
+            self.config.recompute_num_layers or 1) > 1
+        last = layers[-1] if len(layers) and self.select_last_layer and not ranges else None
         self._selection = (output_index, norm, last)
         decoder.final_layernorm = None
         if last is not None:

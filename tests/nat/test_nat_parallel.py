@@ -75,6 +75,7 @@ def test_single_process(reference):
     assert ref["otb"]["loss"] != 0.0
     # scheme "none" through batching.py and nat_loss_fn is plain GRPO.
     assert_close(ref["none"], ref["plain"], "none vs plain GRPO")
+    assert_close(ref["urs_full_recompute"], ref["checks"]["urs"], "urs under full recompute")
 
 
 @pytest.fixture(scope="module")

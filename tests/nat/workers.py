@@ -231,6 +231,15 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                                    num_micro_batches=micro_batches)
         result["none"] = _loss_and_grads(ddp, none, nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
         result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
+        # The selected last layer under full-layer recompute (the decoder replays layer ranges
+        # in the backward, with the last layer taken out of it) gives the same gradients.
+        from nat_megatron.tune.constants import RECOMPUTE
+
+        recomputed = build_model(arch, lay, **RECOMPUTE["full"])
+        load_hf_weights(recomputed, arch, HFReader(hf_dir))
+        result["urs_full_recompute"] = _loss_and_grads(
+            wrap_ddp(recomputed, use_distributed_optimizer=False), mbs["urs"],
+            nat_loss_fn(LossConfig(aggregation=CHECKS["urs"][2])), arch.vocab_size, KEPT_FIELD)
     # Device discipline: gathering grads must keep them on the model's device for the
     # collectives (NCCL on GPUs); tests/device_guard.py refuses anything else.
     with device_discipline(ddp):
