@@ -19,7 +19,7 @@ from pathlib import Path
 EXIT_INVALID = 2
 
 # validate_layout's messages name the quantity they reject; map it to the config key.
-_LAYOUT_KEYS = (("layout tp*pp", "parallel.dp"), ("micro-batches per DP rank", "parallel.vpp"),
+_LAYOUT_KEYS = (("layout tp*pp", "parallel.dp"), ("vpp=1 ", "parallel.pp"), ("vpp=", "parallel.vpp"),
                 ("sequence length", "rollout.max_new_tokens"), ("global batch", "train.prompts_per_step"),
                 ("micro_batch_size", "parallel.micro_batch_size"), ("tp=", "parallel.tp"),
                 ("pp=", "parallel.pp"))
@@ -70,7 +70,8 @@ def check(cfg) -> dict:
     if arch.num_heads % t or (arch.num_kv_heads % t and t % arch.num_kv_heads):
         raise ValueError(f"rollout.tp: {t} must divide num_attention_heads={arch.num_heads}, and divide "
                          f"or be a multiple of num_key_value_heads={arch.num_kv_heads} (vLLM's rule)")
-    kwargs = dict(world_size=p.world_size, seq_len=seq_len, global_batch=cfg.global_batch,
+    # No seq_len rule: the trainer pads every length to the layout's multiple itself.
+    kwargs = dict(world_size=p.world_size, global_batch=cfg.global_batch,
                   micro_batch_size=p.micro_batch_size,
                   gpus_per_node=p.gpus_per_node if cfg.train.device == "cuda" else None)
     estimate, rollout = None, None
@@ -120,17 +121,19 @@ def _estimate(cfg, arch, layout, rollout):
 
 def dry_run(cfg) -> str:
     """The dry run's report: resolved config, layout, micro-batching and the estimate."""
+    from nat_megatron.parallel.layout import micro_batches_per_rank
+
     info = check(cfg)
     arch, lay, est, roll = info["arch"], info["layout"], info["estimate"], info["rollout"]
-    m = cfg.global_batch // (lay.dp * cfg.parallel.micro_batch_size)
+    m = micro_batches_per_rank(lay, cfg.global_batch, cfg.parallel.micro_batch_size)
     lines = ["# resolved config", cfg.to_yaml().rstrip(), "",
              f"# model: {arch.family}, {arch.num_params() / 1e9:.3f} B parameters, "
              f"{arch.num_layers} layers, {arch.num_heads} heads / {arch.num_kv_heads} KV heads",
              f"# layout: tp={lay.tp} pp={lay.pp} vpp={lay.vpp} cp={lay.cp} dp={lay.dp} "
              f"sequence_parallel={lay.sequence_parallel} (world size {lay.world_size})",
              f"# step: {cfg.global_batch} sequences = {cfg.train.prompts_per_step} prompts x "
-             f"{cfg.rollout.group_size}; {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; "
-             f"max sequence {cfg.seq_len} tokens (multiple of {lay.seq_multiple} required)"]
+             f"{cfg.rollout.group_size}; up to {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; "
+             f"max sequence {cfg.seq_len} tokens (lengths pad to a multiple of {lay.seq_multiple})"]
     t = cfg.rollout.tp
     engines = cfg.parallel.world_size // t
     lines.append(f"# rollout: {engines} vLLM engine{'s' * (engines > 1)} x {t} rank{'s' * (t > 1)} "

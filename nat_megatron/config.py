@@ -27,7 +27,7 @@ from nat_megatron.data.dataset import DatasetConfig
 from nat_megatron.rewards.bingo import BingoConfig
 from nat_megatron.nat.loss import LossConfig
 from nat_megatron.nat.selection import SCHEMES
-from nat_megatron.parallel.layout import Layout
+from nat_megatron.parallel.layout import FP8_ALIGN, Layout
 from nat_megatron.tune.constants import ROLLOUT_GPU_MEMORY_UTILIZATION
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -83,9 +83,14 @@ class ModelConfig:
     hf_dir: str | None = None
     hf_config: dict | None = None
     dtype: str = "bf16"
+    # FP8 GEMMs through Transformer Engine with this Megatron-Core recipe (null: off). Formats
+    # and alignment: model/build.py transformer_config, parallel/layout.py token_multiple.
+    fp8: str | None = None
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, DTYPES)
+        if self.fp8 is not None:
+            _one_of("model.fp8", self.fp8, (None, *FP8_ALIGN))
         _check(any((self.preset, self.hf_dir, self.hf_config)), "model",
                "set model.preset (a known name), model.hf_config or model.hf_dir")
         if self.preset is not None and self.preset.lower() not in _known_presets():
@@ -402,8 +407,14 @@ class Config:
 
     def __post_init__(self):
         if self.train.device == "cpu":
+            _check(self.model.fp8 is None, "model.fp8",
+                   "FP8 needs Transformer Engine's CUDA kernels and train.device=cpu has none; "
+                   "set model.fp8=null (or train.device=cuda on a GPU machine)")
             _check(self.model.dtype == "fp32", "model.dtype",
                    "train.device=cpu trains in fp32; set model.dtype=fp32")
+        _check(self.model.fp8 is None or self.model.dtype == "bf16", "model.fp8",
+               f"FP8 runs the GEMMs of a bf16 model; set model.dtype=bf16 (got "
+               f"{self.model.dtype}) or model.fp8=null")
         world, dp = self.parallel.world_size, self.parallel.layout().dp
         _check(world % self.rollout.tp == 0, "rollout.tp",
                f"must divide parallel.world_size={world} (every rank belongs to one engine), "

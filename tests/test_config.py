@@ -68,6 +68,9 @@ def test_overrides():
     ("rollout.engine=sglang", "rollout.engine"),
     ("model.dtype=bf16", "model.dtype: train.device=cpu trains in fp32"),
     ("model.preset=gpt5", "model.preset: unknown preset"),
+    ("model.fp8=fp4", "model.fp8: use one of (None, 'delayed', 'tensorwise', 'blockwise', 'mxfp8')"),
+    ("model.fp8=delayed", "model.fp8: FP8 needs Transformer Engine's CUDA kernels and "
+                          "train.device=cpu has none"),
     ("nat.budget", "expected key.sub=value"),
     ("nat=3", "nat: must be a mapping"),
 ])
@@ -78,6 +81,16 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError) as err:
         load_config(CPU, [override])
     assert message in str(err.value)
+
+
+def test_fp8_on_gpu_configs():
+    """Every recipe validates on a GPU config; FP8 needs a bf16 model."""
+    gpu = ["train.device=cuda", "model.dtype=bf16"]
+    for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+        assert load_config(CPU, [*gpu, f"model.fp8={recipe}"]).model.fp8 == recipe
+    assert load_config(CPU, gpu).model.fp8 is None
+    with pytest.raises(ValueError, match=r"^model.fp8: FP8 runs the GEMMs of a bf16 model"):
+        load_config(CPU, ["train.device=cuda", "model.dtype=fp16", "model.fp8=delayed"])
 
 
 def test_otb_bingo_and_their_bad_values():

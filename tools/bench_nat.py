@@ -10,13 +10,17 @@ the same number of micro-batches; the schemes take turns in every repeat (so a c
 machine load hits them alike), and each reports the median wall time after warm-up (and the
 median process CPU time, steadier on a machine shared with other jobs).
 "rpc_unsorted" is RPC with unsorted equal-count micro-batches, the baseline for sorting.
+"urs_output_only" is URS with the last transformer layer on every position (only the final
+norm and output layer selected); "urs" runs that layer's attention queries, projection and MLP
+on the kept positions too, and "urs_vs_output_only" reports what that saves.
 
 Memory. GPU: torch.cuda.max_memory_allocated over the step. CPU: a TorchDispatchMode counts the
 bytes of every tensor storage created during the step until it is freed (weak references on the
 storages; a separate, untimed run), plus the parameters and gradient buffers that exist
 before the step. Output-layer memory: the peak of live bytes from the entry of the model's
 output stage (selection, final norm, output layer) until the loss has been computed, above the
-level at that entry, the largest over micro-batches. Prints one JSON line.
+level at that entry, the largest over micro-batches (for "urs" that region also holds the
+selected last layer, which runs from there). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ def make_samples(n, prompt_len, response_len, vocab, seed):
 
 
 def plan_scheme(name, samples, budget, micro_batches, seed, cfg):
-    scheme = name.removesuffix("_unsorted")
+    scheme = name.removesuffix("_unsorted").removesuffix("_output_only")
     lengths = torch.tensor([len(s.response) for s in samples])
     sel = sample(scheme, 1.0 if scheme == "none" else budget, lengths,
                  selection_generators(seed, 0, range(len(samples))))
@@ -165,8 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--samples", type=int)
     parser.add_argument("--micro-batches", type=int)
-    parser.add_argument("--schemes", default="none,urs,rpc",
-                        help="comma list; rpc_unsorted: RPC without sorting (the padding baseline)")
+    parser.add_argument("--schemes", default="none,urs,urs_output_only,rpc",
+                        help="comma list; rpc_unsorted: RPC without sorting (the padding "
+                             "baseline); urs_output_only: URS without the selected last layer")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -213,6 +218,7 @@ def main(argv=None) -> int:
         return out
 
     def step(name):
+        model.select_last_layer = not name.endswith("_output_only")
         for c in ddp:
             c.zero_grad_buffer()
         forward_backward(ddp, plans[name][0], loss_fn, vocab_size=arch.vocab_size,
@@ -249,6 +255,12 @@ def main(argv=None) -> int:
                   "output_layer_memory": round(r["output_layer_bytes"] /
                                                base["output_layer_bytes"], 3)}
               for n, r in result.items() if base and n != "none"}
+    if "urs" in result and "urs_output_only" in result:  # the selected last layer's saving
+        u, o = result["urs"], result["urs_output_only"]
+        ratios["urs_vs_output_only"] = {
+            "time": round(u["time_s"] / o["time_s"], 3),
+            "cpu_time": round(u["cpu_time_s"] / o["cpu_time_s"], 3),
+            "peak_memory": round(u["peak_bytes"] / o["peak_bytes"], 3)}
     print(json.dumps({
         "preset": args.preset, "device": torch.cuda.get_device_name() if gpu else "cpu",
         "threads": torch.get_num_threads(),

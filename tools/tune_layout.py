@@ -136,10 +136,6 @@ def main(argv=None) -> int:
             validate_layout(arch, lay, gpus_per_node=a.gpus_per_node)
         except ValueError as e:
             parser.error(f"--layout: {e}")
-        try:
-            validate_layout(arch, lay, seq_len=a.seq_len)
-        except ValueError as e:
-            parser.error(f"--seq-len: {e}")
         for m in [mbs] if mbs else []:
             try:
                 validate_layout(arch, lay, global_batch=a.global_batch, micro_batch_size=m)
@@ -153,9 +149,7 @@ def main(argv=None) -> int:
     if not result.candidates:
         reasons = sorted({why for _, why in result.rejected})
         arg = "--gpus"
-        if reasons and all("sequence length" in r for r in reasons):
-            arg = "--seq-len"
-        elif reasons and all("global batch" in r or "micro-batches" in r for r in reasons):
+        if reasons and all("global batch" in r or "micro_batch_size" in r for r in reasons):
             arg = "--global-batch"
         parser.error(f"{arg}: no valid layout for {a.gpus} GPUs: " + " | ".join(reasons[:6]))
 

@@ -19,7 +19,8 @@ def unwrap(chunk):
 def gather_full(chunks: list, *, grads: bool = False) -> dict[str, torch.Tensor] | None:
     """{global Megatron name: full tensor} of weights (or DDP main_grads) on global rank 0.
 
-    Other ranks return None. Collective over the whole world: every rank must call it.
+    Other ranks return None. Collective over the whole world: every rank must call it. The TP
+    all-gather runs on the parameters' device (NCCL needs CUDA tensors); the result is on CPU.
     Tied output weights (a copy of the embedding on the last stage) are left out.
     """
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -30,12 +31,13 @@ def gather_full(chunks: list, *, grads: bool = False) -> dict[str, torch.Tensor]
         for name, param in model.named_parameters():
             if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
                 continue
-            t = (param.main_grad if grads else param.data).detach().float().cpu()
+            # Gathered where it lives: NCCL groups move CUDA tensors only. To the CPU after.
+            t = (param.main_grad if grads else param.data).detach().contiguous()
             if tp > 1:
                 parts = [torch.empty_like(t) for _ in range(tp)]
-                dist.all_gather(parts, t.contiguous(), group=tp_group)
+                dist.all_gather(parts, t, group=tp_group)
                 t = tp_unshard(name, parts, partition_dim(param))
-            local[global_name(model, name)] = t
+            local[global_name(model, name)] = t.float().cpu()
     first_of_replica = (parallel_state.get_tensor_model_parallel_rank() == 0
                         and parallel_state.get_data_parallel_rank() == 0
                         and parallel_state.get_context_parallel_rank() == 0)

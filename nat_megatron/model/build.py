@@ -35,7 +35,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from nat_megatron.model.arch import ModelArch
 from nat_megatron.model.layers import RMSNorm, SDPAttention
 from nat_megatron.model.output import SelectiveGPTModel
-from nat_megatron.parallel.layout import Layout, validate_layout
+from nat_megatron.parallel.layout import FP8_ALIGN, Layout, validate_layout
 
 
 @functools.cache
@@ -86,8 +86,16 @@ def layer_spec(arch: ModelArch, backend: str) -> ModuleSpec:
 
 
 def transformer_config(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.float32,
-                       **overrides) -> TransformerConfig:
-    """Megatron TransformerConfig for this architecture and layout (no fused CUDA kernels on CPU)."""
+                       fp8: str | None = None, **overrides) -> TransformerConfig:
+    """Megatron TransformerConfig for this architecture and layout (no fused CUDA kernels on CPU).
+
+    fp8: a Megatron-Core fp8_recipe (delayed, tensorwise, blockwise, mxfp8; parallel.layout's
+    FP8_ALIGN) or None. The format is "hybrid": E4M3 for weights and activations, E5M2 for the
+    gradients. Megatron hands one format to every recipe; gradients need range more than
+    precision (E5M2 has 5 exponent bits), which matters most for the per-tensor recipes
+    (delayed, tensorwise), and every TE recipe accepts hybrid (TE refuses only pure E5M2). The
+    block recipes would also train with "e4m3", their own default; hybrid keeps one setting.
+    """
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         num_layers=arch.num_layers,
@@ -133,19 +141,37 @@ def transformer_config(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = 
         # gradients. The unbatched path orders sends and receives by rank parity.
         batch_p2p_comm=layout.vpp is None,
     )
+    if fp8 is not None:
+        kwargs.update(fp8="hybrid", fp8_recipe=fp8)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
 def build_model(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.float32,
-                seq_len: int | None = None, **config_overrides) -> list[SelectiveGPTModel]:
+                seq_len: int | None = None, fp8: str | None = None, backend: str | None = None,
+                **config_overrides) -> list[SelectiveGPTModel]:
     """The model chunks this rank holds (one per virtual pipeline stage).
 
     parallel_state must already be initialised for `layout` (see parallel.distributed).
+    fp8: the config's model.fp8 recipe (transformer_config); needs Transformer Engine on a GPU.
+    backend: "te" or "sdpa" (None: attention_backend()); tools/gpu_check.py compares both.
     """
+    backend = backend or attention_backend()
+    if backend not in ("te", "sdpa") or (backend == "te" and attention_backend() != "te"):
+        raise ValueError(f"backend={backend!r}: use 'sdpa', or 'te' where Transformer Engine "
+                         "and a GPU are present")
+    if fp8 is not None and backend == "sdpa" and attention_backend() == "te":
+        raise ValueError(f"model.fp8={fp8!r} runs on the Transformer Engine backend; build with "
+                         "backend='te' (the default here)")
+    if fp8 is not None and backend != "te":
+        raise ValueError(
+            f"model.fp8={fp8!r} needs Transformer Engine on a CUDA GPU, and this process has "
+            f"{'no GPU' if not torch.cuda.is_available() else 'no usable transformer_engine'}; "
+            "install it with `make venv-gpu` on a GPU machine, or set model.fp8=null")
+    if fp8 is not None and fp8 not in FP8_ALIGN:
+        raise ValueError(f"model.fp8: use one of {tuple(FP8_ALIGN)} or null, got {fp8!r}")
     validate_layout(arch, layout, world_size=torch.distributed.get_world_size(), seq_len=seq_len)
-    config = transformer_config(arch, layout, dtype=dtype, **config_overrides)
-    backend = attention_backend()
+    config = transformer_config(arch, layout, dtype=dtype, fp8=fp8, **config_overrides)
     spec = layer_spec(arch, backend)
     final_norm = spec.submodules.input_layernorm
     chunks = []

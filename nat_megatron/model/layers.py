@@ -3,6 +3,8 @@
 - `RMSNorm` computes in fp32 like Hugging Face's LlamaRMSNorm (so logits match transformers)
   and marks its weight `sequence_parallel`, so Megatron all-reduces its gradient over TP when
   sequence parallelism splits the tokens (Megatron's torch-norm wrapper refuses SP).
+- `selected_query_attention`: the same attention for selected query positions only, used by
+  the selected-token path through the last layer (model/output.py).
 - `SDPAttention` replaces Megatron's local DotProductAttention, which materialises the full
   [s, s] score matrix (O(s^2) memory) and has no context parallelism. It calls
   torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU) and supports
@@ -94,17 +96,8 @@ class SDPAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask, causal = None, True
-        cp = parallel_state.get_context_parallel_world_size()
-        if cp > 1:
-            group = parallel_state.get_context_parallel_group()
-            rank = dist.get_rank(group)
-            # Each rank's K/V gradient is summed back to it from every rank's queries.
-            # One collective for K and V together: autograd may run two independent backward
-            # collectives in a different order on different ranks, pairing K with V.
-            k, v = _GatherAlongDim.apply(torch.stack([k, v]), group, 3).unbind(0)
-            local = q.shape[2]
-            q_pos = cp_chunk_positions(local, rank, cp, q.device)
-            k_pos = torch.cat([cp_chunk_positions(local, r, cp, q.device) for r in range(cp)])
+        if parallel_state.get_context_parallel_world_size() > 1:
+            k, v, q_pos, k_pos = _keys_over_cp(k, v)
             mask, causal = q_pos[:, None] >= k_pos[None, :], False
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
@@ -113,3 +106,53 @@ class SDPAttention(MegatronModule):
         )
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def _keys_over_cp(k: torch.Tensor, v: torch.Tensor):
+    """K and V [b, g, s, d] of every CP rank (cat along s), this rank's global query positions
+    and the keys' global positions. Without CP: the inputs and positions 0..s-1."""
+    local = k.shape[2]
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        pos = torch.arange(local, device=k.device)
+        return k, v, pos, pos
+    group = parallel_state.get_context_parallel_group()
+    rank = dist.get_rank(group)
+    # Each rank's K/V gradient is summed back to it from every rank's queries.
+    # One collective for K and V together: autograd may run two independent backward
+    # collectives in a different order on different ranks, pairing K with V.
+    k, v = _GatherAlongDim.apply(torch.stack([k, v]), group, 3).unbind(0)
+    q_pos = cp_chunk_positions(local, rank, cp, k.device)
+    k_pos = torch.cat([cp_chunk_positions(local, r, cp, k.device) for r in range(cp)])
+    return k, v, q_pos, k_pos
+
+
+def selected_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             index: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """Causal attention for the queries at `index` only, over every key (nat.md §2, URS).
+
+    query [s, b, heads, d], key/value [s, b, groups, d]: this rank's positions (this CP rank's
+    chunks; keys of the other CP ranks are all-gathered as in SDPAttention). `index` holds flat
+    seq-major indices p * b + i into the [s, b] grid, repeats allowed. Returns [k, heads * d]
+    in index order. The queries are regrouped per batch row into [b, k_max] slots, so the score
+    matrix is b x k_max x keys (never k x b x keys); slots a row does not fill attend to every
+    key (finite) and are dropped.
+    """
+    s, b, heads, d = query.shape
+    k, v = (t.permute(1, 2, 0, 3) for t in (key, value))  # [b, g, s, d]
+    k, v, q_pos_local, k_pos = _keys_over_cp(k, v)
+    rows, pos = index % b, index // b
+    n = index.numel()
+    counts = torch.bincount(rows, minlength=b)
+    order = torch.argsort(rows, stable=True)
+    slot = torch.empty_like(index)
+    slot[order] = torch.arange(n, device=index.device) - (counts.cumsum(0) - counts)[rows[order]]
+    k_max = int(counts.max())
+    q = query.reshape(s * b, heads, d).index_select(0, index)
+    q = q.new_zeros(b, k_max, heads, d).index_put((rows, slot), q)
+    q_pos = torch.full((b, k_max), int(k_pos.max()), device=index.device)
+    q_pos = q_pos.index_put((rows, slot), q_pos_local[pos])
+    mask = q_pos[:, None, :, None] >= k_pos[None, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=heads != k.shape[1])
+    return out.transpose(1, 2)[rows, slot].reshape(n, heads * d)

@@ -6,6 +6,7 @@ layout is rejected for the same reason, with the same message, everywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from nat_megatron.model.arch import ModelArch
@@ -40,11 +41,8 @@ class Layout:
 
     @property
     def seq_multiple(self) -> int:
-        """Every sequence length fed to the model must be a multiple of this."""
-        m = 2 * self.cp if self.cp > 1 else 1
-        if self.sequence_parallel:
-            m *= self.tp
-        return m
+        """Every sequence length fed to the model must be a multiple of this (without FP8)."""
+        return token_multiple(self)
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -61,14 +59,43 @@ class Layout:
         return cls(**kwargs)
 
 
+# Token-dimension alignment of Transformer Engine's FP8 GEMMs per Megatron-Core fp8_recipe,
+# as megatron.core.fp8_utils.get_fp8_align_size (MXFP8 scales blocks of 32 along the tokens
+# too). The recipes a config may name (model.fp8); "custom" needs a quantizer factory.
+FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+
+
+def token_multiple(layout: Layout, *, fp8: str | None = None, selected: bool = False) -> int:
+    """What a token count must be a multiple of so that every rank's share is valid.
+
+    The one place for this rule: sequence lengths (batching, the trainer, the tuner) and the
+    selected-token count of the output path (model/output.py) both come from here.
+
+    Sequence lengths: Megatron's CP load balancing cuts a sequence into 2*cp chunks, and
+    sequence parallelism splits each rank's s/cp positions over tp. With FP8 every rank's own
+    share, s/cp (s/(cp*tp) under SP, the part a rank quantises before TE's FP8 all-gather) must
+    be a multiple of the recipe's GEMM alignment; checking only the global length would let
+    s=16 through at cp=2 with 8 tokens per rank.
+    Selected counts (selected=True): a CP rank selects among its own positions, and under SP
+    the selected rows are split over tp, so each rank's k/tp rows are aligned with FP8.
+    """
+    t = layout.tp if layout.sequence_parallel else 1
+    base, split = (t, t) if selected else ((2 * layout.cp if layout.cp > 1 else 1) * t, layout.cp * t)
+    if fp8 is None:
+        return base
+    if fp8 not in FP8_ALIGN:
+        raise ValueError(f"fp8 recipe {fp8!r} is unknown; use one of {tuple(FP8_ALIGN)} or None")
+    return math.lcm(base, split * FP8_ALIGN[fp8])
+
+
 def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None = None,
                     seq_len: int | None = None, gpus_per_node: int | None = None,
                     global_batch: int | None = None, micro_batch_size: int = 1) -> None:
     """Raise ValueError naming the first rule the layout breaks for this model.
 
-    Optional checks: gpus_per_node (tensor parallelism stays inside a node, on NVLink) and
-    global_batch / micro_batch_size (the step splits into whole micro-batches per DP rank,
-    and the interleaved schedule's micro-batch count rule).
+    Optional checks: gpus_per_node (tensor parallelism stays inside a node, on NVLink),
+    global_batch / micro_batch_size (see _check_batch: only what cannot run) and seq_len (an
+    exact length that is fed unpadded, e.g. a conversion check; the trainer pads its own).
     """
     tp, pp = layout.tp, layout.pp
     if world_size is not None and world_size != layout.world_size:
@@ -106,18 +133,19 @@ def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None =
 
 
 def _check_batch(layout: Layout, global_batch: int, micro_batch_size: int) -> None:
+    """Only what cannot run. A global batch that dp * micro_batch_size does not divide still
+    runs: DP ranks take uneven shares (a rank may get none: batching.build_micro_batches gives
+    it one zero-weight row), and the interleaved schedule's whole groups of pp micro-batches
+    are met by zero-weight micro-batches (train/forward_backward.py)."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    per_step = layout.dp * micro_batch_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"global batch {global_batch} is not a multiple of dp*micro_batch_size = "
-            f"{layout.dp}*{micro_batch_size}; change the batch, dp or the micro-batch size"
-        )
-    m = global_batch // per_step
-    # Megatron's interleaved schedule runs micro-batches in groups of pp per model chunk.
-    if layout.vpp is not None and (m < layout.pp or m % layout.pp):
-        raise ValueError(
-            f"{m} micro-batches per DP rank: the interleaved schedule (vpp={layout.vpp}) needs "
-            f"a multiple of pp={layout.pp}; change the batch or unset vpp"
-        )
+    if global_batch < 1:
+        raise ValueError(f"global batch {global_batch} must be >= 1 sequence")
+
+
+def micro_batches_per_rank(layout: Layout, global_batch: int, micro_batch_size: int) -> int:
+    """Micro-batches the schedule runs per step on the most loaded DP rank: its share of the
+    batch in micro-batches, rounded up to whole groups of pp under the interleaved schedule."""
+    share = -(-global_batch // layout.dp)
+    m = max(1, -(-share // micro_batch_size))
+    return -(-m // layout.pp) * layout.pp if layout.vpp is not None else m

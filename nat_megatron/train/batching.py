@@ -15,8 +15,9 @@ small by sorting the sequences by truncated length and cutting the sorted list i
 groups, either balanced so that at most `num_micro_batches` groups have the smallest possible
 largest padded size (b * s_pad; the step's peak memory), or greedily up to `max_tokens` padded
 tokens each. tools/bench_nat.py measures the padding this saves against unsorted fixed-size
-micro-batches. Every length pads up to `seq_multiple` (`Layout.seq_multiple`, and 16 with FP8:
-`seq_multiple_for`); padding carries zero weight.
+micro-batches. Every length pads up to `seq_multiple`: `parallel.layout.token_multiple(layout,
+fp8=recipe)`, which keeps every rank's share aligned under CP, SP and FP8; padding carries
+zero weight.
 
 Per-position fields ([b, s], position t predicts token t + 1), zero on padding:
   response_pos  j + 1 where position t predicts response token j (0: prompt or padding)
@@ -36,7 +37,6 @@ knows each micro-batch's shape before the schedule runs. Draw the Selection with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,11 +65,6 @@ class Sample:
 
 
 OPTIONAL = ("ref_logprobs", "tis_weights")  # per-token Sample fields: all samples or none
-
-
-def seq_multiple_for(layout, *, fp8: bool = False) -> int:
-    """Sequence lengths pad to this: Layout.seq_multiple (2*cp, x tp with SP), and 16 with FP8."""
-    return math.lcm(layout.seq_multiple, 16) if fp8 else layout.seq_multiple
 
 
 def plan_micro_batches(seq_lens: Sequence[int], *, seq_multiple: int = 1,
@@ -150,18 +145,25 @@ def _least_padding(order: list[int], padded: list[int], budget: int, groups: int
     return [order[i:j] for i, j in reversed(cuts)]
 
 
-def build_micro_batches(samples: Sequence[Sample], selection: Selection, *, aggregation: str,
+def build_micro_batches(samples: Sequence[Sample], selection: Selection | None, *, aggregation: str,
                         seq_multiple: int = 1, num_micro_batches: int | None = None,
                         max_tokens: int | None = None, sort: bool = True,
                         pad_rows: bool = False) -> list[MicroBatch]:
     """Truncate every sample to its kept prefix and group the rows into MicroBatches.
 
     `selection` is `selection.sample(...)` over these samples' response lengths, in order.
-    pad_rows=True gives every micro-batch the same number of rows and, with num_micro_batches,
-    makes exactly that many micro-batches (zero-weight rows and micro-batches): the
-    interleaved schedule needs one shape for the whole step and a fixed micro-batch count.
+    An empty `samples` list (a data-parallel rank that got no sample; `selection` None) gives
+    one micro-batch of one all-zero row with count 0, so the rank still takes part in the
+    schedule and the gradient all-reduce. pad_rows=True gives every micro-batch the same number
+    of rows and, with num_micro_batches, makes exactly that many micro-batches (zero-weight rows
+    and micro-batches): the interleaved schedule needs one shape for the whole step
+    (forward_backward rounds the count up to whole groups of pp).
     """
     _check(samples, selection, seq_multiple)
+    if not samples:  # a rank without samples (fewer samples than DP ranks) still runs the step
+        count = num_micro_batches if pad_rows and num_micro_batches else 1
+        return [_micro_batch([], selection, [None], seq_multiple, prompt_only=None,
+                             count=0)] * count
     cuts = selection.cut.tolist()
     live = [i for i, c in enumerate(cuts) if c > 0]
     rows = [(i, len(samples[i].prompt) + cuts[i] - 1) for i in live]
@@ -193,7 +195,7 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
     """Rows for `members` (None: an empty zero-weight row) padded to s_pad positions."""
     b = len(members)
     tokens = torch.zeros(b, s_pad + 1, dtype=torch.long)  # + 1: the last target
-    optional = [n for n in OPTIONAL if getattr(samples[0], n) is not None]
+    optional = [n for n in OPTIONAL if samples and getattr(samples[0], n) is not None]
     names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample"]
     names += optional
     dtypes = {"response_pos": torch.long, KEPT_FIELD: torch.bool, "prob": torch.float64,
@@ -264,15 +266,16 @@ def nat_loss_fn(cfg: LossConfig):
 
 
 def _check(samples, selection, seq_multiple):
-    if not samples:
-        raise ValueError("samples is empty: pass at least one Sample")
-    if not isinstance(selection, Selection) or selection.lengths.numel() != len(samples):
+    nothing = not samples and (selection is None or (isinstance(selection, Selection)
+                                                      and selection.lengths.numel() == 0))
+    if not nothing and (not isinstance(selection, Selection)
+                        or selection.lengths.numel() != len(samples)):
         raise ValueError("selection must be a Selection drawn for exactly these samples "
                          "(selection.sample over their response lengths, in order)")
     if isinstance(seq_multiple, bool) or not isinstance(seq_multiple, int) or seq_multiple < 1:
         raise ValueError(f"seq_multiple={seq_multiple!r} must be an int >= 1 "
-                         "(seq_multiple_for(layout))")
-    given = {n: getattr(samples[0], n) is not None for n in OPTIONAL}
+                         "(parallel.layout.token_multiple)")
+    given = {n: bool(samples) and getattr(samples[0], n) is not None for n in OPTIONAL}
     for i, smp in enumerate(samples):
         T = int(selection.lengths[i])
         if smp.prompt.dim() != 1 or len(smp.prompt) < 1:

@@ -11,7 +11,12 @@ learns a micro-batch's length before it receives the activations. Megatron's int
 schedule cannot do that with pp=2 (a stage's previous and next peer are the same rank, and its
 combined shape exchange matches messages by posting order, crossing them): with virtual
 pipeline stages every micro-batch of a step is padded to the step's longest one, and every
-stage uses that one fixed shape (build.py turns the shape exchange off).
+stage uses that one fixed shape (build.py turns the shape exchange off). The interleaved
+schedule also runs micro-batches in groups of pp per model chunk, so their number is rounded
+up to a multiple of pp with zero-weight micro-batches (their outputs are dropped): a rank
+whose DP share is small, or whose empty responses were dropped, still runs. Both rules live
+here, next to the schedule that needs them, so every caller (trainer, token statistics, the
+tuner's validation) gets them.
 
 `output_mask` names a bool per-position field: the last stage then runs the final norm, the
 output layer and the log-softmax on those positions only (model/output.py), and the loss sees
@@ -32,6 +37,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from nat_megatron.model.layers import cp_chunk_positions
 from nat_megatron.model.logprobs import vocab_parallel_token_stats
 from nat_megatron.model.output import positions_to_index, scatter_positions
+from nat_megatron.parallel.layout import Layout, token_multiple
 
 # loss_fn(stats, micro_batch) -> (loss_sum, normaliser_count[, metrics]). `stats` holds
 # per-position [b, s] "logprobs" (and "entropy" / "sum_p2" when requested) for this rank's
@@ -61,6 +67,12 @@ class MicroBatch:
         pad = lambda t: torch.nn.functional.pad(t, (0, extra))  # noqa: E731
         return MicroBatch(tokens=pad(self.tokens), targets=pad(self.targets),
                           fields={k: pad(v) for k, v in self.fields.items()}, count=self.count)
+
+    def zero_weight(self) -> "MicroBatch":
+        """A micro-batch of this shape that changes nothing: zero tokens, fields and count."""
+        zero = torch.zeros_like
+        return MicroBatch(tokens=zero(self.tokens), targets=zero(self.targets),
+                          fields={k: zero(v) for k, v in self.fields.items()}, count=0)
 
     @property
     def seq_len(self) -> int:
@@ -96,6 +108,22 @@ def _device(t: torch.Tensor) -> torch.Tensor:
     return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
 
 
+def _check_fp8_lengths(chunks: list, micro_batches: list[MicroBatch]) -> None:
+    """Under FP8 a length that leaves a rank's share unaligned fails deep inside Transformer
+    Engine; name the rule and the fix instead."""
+    config = getattr(chunks[0], "config", None)
+    if not getattr(config, "fp8", None):
+        return
+    layout = Layout(tp=config.tensor_model_parallel_size, cp=config.context_parallel_size,
+                    sequence_parallel=config.sequence_parallel)
+    multiple = token_multiple(layout, fp8=config.fp8_recipe)
+    bad = sorted({mb.seq_len for mb in micro_batches if mb.seq_len % multiple})
+    if bad:
+        raise ValueError(f"micro-batch lengths {bad} are not multiples of {multiple}, which FP8 "
+                         f"({config.fp8_recipe}) needs for every rank's share of the tokens; "
+                         "build them with seq_multiple=token_multiple(layout, fp8=recipe)")
+
+
 def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
                      vocab_size: int, forward_only: bool = False, entropy: bool = False,
                      sum_p2: bool = False, keep_logits: bool = False,
@@ -112,9 +140,13 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
     `temperature`: the statistics are those of softmax(logits / temperature), the distribution
     the rollout engines sample from (the engines report log-probs of that same distribution).
     """
-    if len(chunks) > 1:  # interleaved schedule: one shape for the whole step (see above)
+    _check_fp8_lengths(chunks, micro_batches)
+    given = len(micro_batches)
+    if len(chunks) > 1:  # interleaved schedule: one shape and whole groups of pp (see above)
         longest = max(mb.seq_len for mb in micro_batches)
         micro_batches = [mb.pad_to(longest) for mb in micro_batches]
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        micro_batches += [micro_batches[-1].zero_weight()] * (-given % pp)
     local = [mb.for_cp_rank() for mb in micro_batches]
 
     def forward_step(data_iterator, model):
@@ -151,12 +183,16 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
     else:
         data = iter(local)
     schedule = get_forward_backward_func()
-    return schedule(
+    outs = schedule(
         forward_step_func=forward_step,
         data_iterator=data,
         model=chunks if n_chunks > 1 else chunks[0],
         num_microbatches=len(local),
-        seq_length=max(mb.seq_len for mb in local),
+        # The whole sequence's length: the schedules divide it by cp (and by tp under sequence
+        # parallel) themselves to size the p2p buffers. A CP-local length here would be cut
+        # twice (s / cp^2) under the interleaved schedule, which uses this fixed shape.
+        seq_length=max(mb.seq_len for mb in micro_batches),
         micro_batch_size=local[0].tokens.shape[0],
         forward_only=forward_only,
     )
+    return outs[:given]

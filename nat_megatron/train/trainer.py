@@ -35,6 +35,7 @@ from nat_megatron.nat.loss import group_advantages
 from nat_megatron.nat.otb import logit_gradient_proxy, optimal_token_baseline, outcome_returns, proxy_prefix_lengths
 from nat_megatron.nat.selection import Selection, sample, selection_generators
 from nat_megatron.parallel.distributed import cpu_group, init_distributed, replica_ranks, shutdown
+from nat_megatron.parallel.layout import token_multiple
 from nat_megatron.rewards.bingo import DynamicLambda, ReferenceLengths, bingo_bonus
 from nat_megatron.rewards.registry import score_batch
 from nat_megatron.rewards.significance import build_scorer, count_significant
@@ -62,6 +63,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.layout = cfg.parallel.layout()
+        # Every padded length: each rank's share whole after the TP/SP/CP split (and FP8-aligned).
+        self.seq_multiple = token_multiple(self.layout, fp8=cfg.model.fp8)
         init_distributed(self.layout, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.hf_dir = self._weights_dir()
@@ -127,7 +130,7 @@ class Trainer:
         of the initial weights: the reference policy."""
         from nat_megatron.tune.constants import RECOMPUTE  # the one recompute -> Megatron mapping
 
-        chunks = build_model(self.arch, self.layout, dtype=DTYPES[self.cfg.model.dtype],
+        chunks = build_model(self.arch, self.layout, dtype=DTYPES[self.cfg.model.dtype], fp8=self.cfg.model.fp8,
                              **RECOMPUTE[self.cfg.parallel.recompute])
         load_hf_weights(chunks, self.arch, HFReader(self.hf_dir))
         if not wrap:
@@ -299,12 +302,9 @@ class Trainer:
         mine = [samples[i] for i in part.tolist()]
         sel = Selection(mask=selection.mask[part], prob=selection.prob[part], cut=selection.cut[part],
                         lengths=selection.lengths[part])
-        num_micro = -(-len(mine) // cfg.parallel.micro_batch_size)
-        if self.layout.vpp:  # the interleaved schedule runs micro-batches in groups of pp
-            num_micro = -(-num_micro // self.layout.pp) * self.layout.pp
         micro_batches = build_micro_batches(
-            mine, sel, aggregation=cfg.loss.aggregation, seq_multiple=self.layout.seq_multiple,
-            num_micro_batches=num_micro, pad_rows=self.layout.vpp is not None)
+            mine, sel, aggregation=cfg.loss.aggregation, seq_multiple=self.seq_multiple,
+            num_micro_batches=-(-len(mine) // cfg.parallel.micro_batch_size), pad_rows=self.layout.vpp is not None)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -329,7 +329,7 @@ class Trainer:
         """Forward-only per-token statistics of `model` at the `keep` positions (token_stats.py),
         of the distribution the engines sample from (logits / rollout.temperature)."""
         return token_stats(model, samples, keep, layout=self.layout, vocab_size=self.arch.vocab_size,
-                           micro_batch_size=self.cfg.parallel.micro_batch_size,
+                           micro_batch_size=self.cfg.parallel.micro_batch_size, seq_multiple=self.seq_multiple,
                            temperature=self.cfg.rollout.temperature, **kwargs)
 
     def select(self, batch: RolloutBatch) -> Selection:

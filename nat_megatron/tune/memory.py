@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nat_megatron.model.arch import ModelArch
-from nat_megatron.parallel.layout import Layout
+from nat_megatron.parallel.layout import Layout, micro_batches_per_rank
 from nat_megatron.tune import constants as C
 from nat_megatron.tune.workload import BatchShape, Workload
 
@@ -38,8 +38,8 @@ class Plan:
     distributed_optimizer: bool = True
 
     def num_microbatches(self, work: Workload) -> int:
-        """Micro-batches per DP rank per step (validate_layout checks that it divides)."""
-        return max(1, work.global_batch // (self.layout.dp * self.mbs))
+        """Micro-batches per step on the most loaded DP rank (parallel/layout.py)."""
+        return micro_batches_per_rank(self.layout, work.global_batch, self.mbs)
 
 
 @dataclass
@@ -158,7 +158,7 @@ def saved_per_layer(arch: ModelArch, layout: Layout, dev: C.Device, recompute: s
 
 def batch_shape(work: Workload, plan: Plan) -> BatchShape:
     """One DP rank's micro-batches under this plan (workload.py)."""
-    return work.batch_shape(sequences=work.global_batch // plan.layout.dp,
+    return work.batch_shape(sequences=-(-work.global_batch // plan.layout.dp),  # most loaded rank
                             micro_batches=plan.num_microbatches(work),
                             seq_multiple=plan.layout.seq_multiple,
                             pad_to_step=plan.layout.vpp is not None)

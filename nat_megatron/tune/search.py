@@ -90,9 +90,10 @@ def evaluate(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, *,
                      rollout_peak=rollout_peak)
 
 
-def candidate_layouts(arch: ModelArch, gpus: int, *, seq_len: int, gpus_per_node: int
+def candidate_layouts(arch: ModelArch, gpus: int, *, gpus_per_node: int
                       ) -> tuple[list[Layout], list[tuple[str, str]]]:
-    """Every tp x pp x cp x dp (x vpp) = gpus that validate_layout accepts, and the rejects."""
+    """Every tp x pp x cp x dp (x vpp) = gpus that validate_layout accepts, and the rejects.
+    No sequence-length rule: the trainer pads every length to the layout's multiple."""
     ok, rejected = [], []
     for tp in _divisors(gpus):
         for pp in _divisors(gpus // tp):
@@ -104,7 +105,7 @@ def candidate_layouts(arch: ModelArch, gpus: int, *, seq_len: int, gpus_per_node
                 for vpp in vpps:
                     lay = Layout(tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, sequence_parallel=tp > 1)
                     try:
-                        validate_layout(arch, lay, world_size=gpus, seq_len=seq_len,
+                        validate_layout(arch, lay, world_size=gpus,
                                         gpus_per_node=gpus_per_node)
                     except ValueError as e:
                         rejected.append((_text(lay), str(e)))
@@ -125,7 +126,7 @@ def search(arch: ModelArch, work: Workload, gpus: int, dev: C.Device = C.H100, *
     """Evaluate every valid plan (or those of `layouts`) and rank them best first."""
     rejected: list[tuple[str, str]] = []
     if layouts is None:
-        layouts, rejected = candidate_layouts(arch, gpus, seq_len=work.seq_len,
+        layouts, rejected = candidate_layouts(arch, gpus,
                                               gpus_per_node=gpus_per_node)
     out = []
     for lay in layouts:
@@ -163,7 +164,7 @@ def check_layout(arch: ModelArch, layout: Layout, *, seq_len: int, response_len:
         raise ValueError(f"device={device!r} is unknown; use one of {tuple(C.DEVICES)}")
     if global_batch is None:
         global_batch = layout.dp * micro_batch_size * layout.pp
-    validate_layout(arch, layout, world_size=world_size, seq_len=seq_len,
+    validate_layout(arch, layout, world_size=world_size,
                     gpus_per_node=gpus_per_node, global_batch=global_batch,
                     micro_batch_size=micro_batch_size)
     work = Workload(seq_len=seq_len, response_len=response_len or seq_len,

@@ -95,15 +95,16 @@ def _micro_batches(work: Workload, plan: Plan, arch: ModelArch, seed: int, step:
     from nat_megatron.nat.selection import sample, selection_generators
     from nat_megatron.train.batching import build_micro_batches
 
-    n = work.global_batch // plan.layout.dp
-    ids = list(range(dp_rank * n, (dp_rank + 1) * n))
+    ids = list(range(work.global_batch))[dp_rank::plan.layout.dp]  # as the trainer shares
     samples = _samples(work, arch.vocab_size, seed, step)
     mine = [samples[i] for i in ids]
-    lengths = torch.tensor([len(s.response) for s in mine])
-    sel = sample(work.nat, work.budget, lengths, selection_generators(seed, step, ids))
+    sel = None
+    if mine:  # a rank without samples runs one zero-weight row
+        lengths = torch.tensor([len(s.response) for s in mine])
+        sel = sample(work.nat, work.budget, lengths, selection_generators(seed, step, ids))
     return build_micro_batches(mine, sel, aggregation="token-mean",
                                seq_multiple=plan.layout.seq_multiple,
-                               num_micro_batches=plan.num_microbatches(work),
+                               num_micro_batches=max(1, -(-len(mine) // plan.mbs)),
                                pad_rows=plan.layout.vpp is not None)
 
 

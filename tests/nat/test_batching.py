@@ -12,9 +12,8 @@ import torch
 from nat_megatron.model.output import positions_to_index, scatter_positions
 from nat_megatron.nat.loss import AGGREGATIONS, LossConfig, nat_loss, normaliser_count
 from nat_megatron.nat.selection import Selection, sample, selection_generators
-from nat_megatron.parallel.layout import Layout
 from nat_megatron.train.batching import (KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn,
-                                         plan_micro_batches, seq_multiple_for)
+                                         plan_micro_batches)
 
 
 def make_samples(n: int, seed: int = 0, *, ref: bool = False) -> list[Sample]:
@@ -161,9 +160,6 @@ def test_pad_rows_and_padding_multiples():
     mbs = build_micro_batches(samples, select(samples, budget=0.7), aggregation="token-mean",
                               seq_multiple=16, num_micro_batches=3, pad_rows=True)
     assert len({mb.tokens.shape[0] for mb in mbs}) == 1 and all(mb.seq_len % 16 == 0 for mb in mbs)
-    assert seq_multiple_for(Layout(cp=2)) == 4
-    assert seq_multiple_for(Layout(tp=2, cp=2, sequence_parallel=True), fp8=True) == 16
-    assert seq_multiple_for(Layout(tp=3, sequence_parallel=True), fp8=True) == 48
 
 
 def test_bad_inputs_name_the_field():
@@ -193,14 +189,6 @@ def test_position_index_round_trip():
     assert torch.equal(grid.t().reshape(-1)[idx], values)
 
 
-def test_selected_count_pads_to_16_under_fp8():
-    from types import SimpleNamespace
-
-    from nat_megatron.model.output import selected_count_multiple
-    assert selected_count_multiple(SimpleNamespace(sequence_parallel=False, fp8=None)) == 1
-    assert selected_count_multiple(SimpleNamespace(sequence_parallel=False, fp8="hybrid")) == 16
-
-
 def test_pad_rows_keeps_the_micro_batch_count_when_samples_are_skipped():
     samples = make_samples(6, seed=6)
     sel = select(samples, budget=0.05)  # most cuts are 0
@@ -215,3 +203,18 @@ def test_pad_rows_keeps_the_micro_batch_count_when_samples_are_skipped():
     for mb in mbs:  # empty micro-batches still give a loss connected to the graph
         loss_sum, *_ = fn({"logprobs": torch.zeros(mb.tokens.shape, requires_grad=True)}, mb)
         assert loss_sum.requires_grad
+
+
+def test_empty_sample_list_gives_one_zero_weight_row():
+    """A DP rank that got no sample still runs the step: one all-zero row, count 0."""
+    for pad_rows, n in ((False, 1), (True, 2)):
+        mbs = build_micro_batches([], None, aggregation="token-mean", seq_multiple=4,
+                                  num_micro_batches=2, pad_rows=pad_rows)
+        assert len(mbs) == n
+        for mb in mbs:
+            assert mb.tokens.shape == (1, 4) and mb.count == 0 and not mb.tokens.any()
+            assert not any(v.any() for v in mb.fields.values())
+            loss, count, _ = nat_loss_fn(LossConfig())({"logprobs": torch.zeros(1, 4)}, mb)
+            assert float(loss) == 0.0 and count == 0
+    with pytest.raises(ValueError, match="selection must be a Selection"):
+        build_micro_batches(make_samples(2), None, aggregation="token-mean", num_micro_batches=1)

@@ -1,6 +1,7 @@
 """NAT through Megatron: every layout gives the single-process loss and gradients (fp32).
 
-One launch per layout (PP2, CP2, TP2+SP, TP2xPP2, and PP2 interleaved) runs every check (tests/nat/workers.py:nat_checks): RPC (truncated
+One launch per layout (PP2, CP2, TP2+SP, TP2xPP2 together with PP2xVPP2xCP2, and PP2
+interleaved) runs every check (tests/nat/workers.py:nat_checks): RPC (truncated
 compute, micro-batches of different lengths, some samples skipped at cut 0) and URS, both with
 the selected-position output layer; the selected logits against the full output path; and the
 same selection on every rank. The single-process run also checks that scheme "none" through
@@ -19,7 +20,11 @@ LAYOUTS = {
     "tp2_sp": ({"tp": 2, "sequence_parallel": True}, 2),
     "tp2_pp2": ({"tp": 2, "pp": 2}, 4),
     "pp2_vpp2": ({"pp": 2, "vpp": 2}, 2),  # one shape per step: rows and lengths padded
+    # Interleaved + context parallel, with 3 micro-batches: the schedule's groups of pp are
+    # completed by a zero-weight micro-batch.
+    "pp2_vpp2_cp2": ({"pp": 2, "vpp": 2, "cp": 2}, 4, 3),
 }
+BATCHED = [("tp2_pp2", "pp2_vpp2_cp2")]  # one 4-rank launch runs both
 TOL = 1e-5
 
 
@@ -42,8 +47,11 @@ def check_common(res: dict, nprocs: int):
     sel = res["selected_vs_full"]
     assert sel["positions"] > 0
     assert sel["logits"] <= TOL and sel["logprobs"] <= TOL, sel
-    # Selected count padded to a multiple of 16 (FP8): zero-weight rows change nothing.
-    assert_close(res["rpc_pad16"], res["checks"]["rpc"], "selected count padded to 16")
+    assert res["guarded_gather_equal"]  # gather_full keeps grads on device for collectives
+    # URS through the selected last layer equals the full model at the kept positions.
+    assert_close(res["urs_full_path"], res["checks"]["urs"], "urs: full path vs selected path")
+    # Selected count padded as under MXFP8 (32 per TP rank): zero-weight rows change nothing.
+    assert_close(res["rpc_pad_fp8"], res["checks"]["rpc"], "selected count padded as under MXFP8")
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +75,34 @@ def test_single_process(reference):
     assert ref["otb"]["loss"] != 0.0
     # scheme "none" through batching.py and nat_loss_fn is plain GRPO.
     assert_close(ref["none"], ref["plain"], "none vs plain GRPO")
+    assert_close(ref["urs_full_recompute"], ref["checks"]["urs"], "urs under full recompute")
+
+
+@pytest.fixture(scope="module")
+def results(reference):
+    """name -> rank 0's result, launching each layout (or its batch) once."""
+    hf, _ = reference
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            names = next((b for b in BATCHED if name in b), (name,))
+            runs = [{"layout": LAYOUTS[n][0], "micro_batches": (LAYOUTS[n] + (4,))[2]}
+                    for n in names]
+            got = launch("tests.nat.workers:nat_checks_layouts", LAYOUTS[name][1], runs=runs,
+                         hf_dir=hf)[0]
+            cache.update(zip(names, got))
+        return cache[name]
+
+    return get
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(reference, name):
-    hf, ref = reference
-    layout, nprocs = LAYOUTS[name]
-    got = launch("tests.nat.workers:nat_checks", nprocs, layout=layout, hf_dir=hf)[0]
+def test_layout_matches_single_process(reference, results, name):
+    _, ref = reference
+    nprocs = LAYOUTS[name][1]
+    got = results(name)
     check_common(got, nprocs)
     # The selection does not depend on the layout (nor on the process).
     assert got["selection_digests"][0] == ref["selection_digests"][0]

@@ -8,7 +8,7 @@ the NAT loss and gradients for RPC (truncated compute + selected outputs) and UR
 from __future__ import annotations
 
 import hashlib
-import math
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,11 @@ from nat_megatron.model.build import build_model
 from nat_megatron.nat.loss import LossConfig, grpo_loss_sum, group_advantages
 from nat_megatron.nat.selection import sample, selection_generators
 from nat_megatron.parallel.distributed import init_distributed, shutdown
-from nat_megatron.parallel.layout import Layout
-from nat_megatron.train.batching import (KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn,
-                                         seq_multiple_for)
+from nat_megatron.parallel.layout import Layout, token_multiple
+from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn
 from nat_megatron.train.forward_backward import MicroBatch, forward_backward
 from nat_megatron.train.optimizer import wrap_ddp
+from tests.device_guard import device_discipline
 from tests.parallel.workers import dist_rank0
 
 # (scheme, budget, aggregation): RPC skips some samples (cut 0) at this budget and seed.
@@ -155,7 +155,7 @@ def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
     rewards = torch.tensor([float(s.advantage) for s in samples])
     adv = optimal_token_baseline(outcome_returns(rewards, mask), proxy, mask, group)
     otb = [replace(s, advantage=adv[i, :len(s.response)].clone()) for i, s in enumerate(samples)]
-    mbs = build_micro_batches(otb, sel, aggregation="token-mean", seq_multiple=seq_multiple_for(lay),
+    mbs = build_micro_batches(otb, sel, aggregation="token-mean", seq_multiple=token_multiple(lay),
                               num_micro_batches=micro_batches, pad_rows=lay.vpp is not None)
     stats["prefix"] = prefix
     return stats, _loss_and_grads(ddp, mbs, nat_loss_fn(LossConfig()), vocab, KEPT_FIELD)
@@ -182,7 +182,7 @@ def _two_updates(ddp, samples, sel, lay, vocab) -> dict:
     for part in torch.arange(len(samples)).tensor_split(2):
         mine = [samples[i] for i in part.tolist()]
         sub = Selection(sel.mask[part], sel.prob[part], sel.cut[part], sel.lengths[part])
-        mbs = build_micro_batches(mine, sub, aggregation=cfg.aggregation, seq_multiple=seq_multiple_for(lay),
+        mbs = build_micro_batches(mine, sub, aggregation=cfg.aggregation, seq_multiple=lay.seq_multiple,
                                   num_micro_batches=2, pad_rows=lay.vpp is not None)
         for c in ddp:
             c.zero_grad_buffer()
@@ -193,16 +193,26 @@ def _two_updates(ddp, samples, sel, lay, vocab) -> dict:
     return {"before": before, "after": gather_full(ddp), "grads": grads}
 
 
-def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4):
+def nat_checks_layouts(*, runs: list[dict], hf_dir: str):
+    """nat_checks for each dict of `runs` (layout, micro_batches) in one launch."""
+    out = [nat_checks(hf_dir=hf_dir, keep_groups=True, **run) for run in runs]
+    shutdown()
+    return out if dist_rank0() else None
+
+
+def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4,
+               keep_groups: bool = False):
     """Every NAT check under one layout; a dict on global rank 0, None elsewhere."""
     lay = Layout(**layout)
+    if parallel_state.model_parallel_is_initialized():  # a previous layout of this launch
+        parallel_state.destroy_model_parallel()
     init_distributed(lay, seed=1234)
     arch = ModelArch.from_hf_dir(hf_dir)
     chunks = build_model(arch, lay)
     load_hf_weights(chunks, arch, HFReader(hf_dir))
     ddp = wrap_ddp(chunks, use_distributed_optimizer=False)
     samples = make_samples()
-    n, multiple = len(samples), seq_multiple_for(lay)
+    n, multiple = len(samples), token_multiple(lay)
     result = {"checks": {}}
 
     # Same selection on every rank, whatever order a rank draws it in.
@@ -229,12 +239,19 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                          if agg == "seq-mean-token-sum" else None)
         result["checks"][name] = _loss_and_grads(ddp, mbs[name], nat_loss_fn(cfg),
                                                  arch.vocab_size, KEPT_FIELD)
-    # FP8's multiple of 16 for the selected count (forced here: no Transformer Engine on CPU).
-    # The padding rows must change nothing.
+    # The selected path (last layer, final norm and output layer on the kept positions only)
+    # against the full path: same loss, same gradient of every parameter.
+    urs_cfg = LossConfig(aggregation=CHECKS["urs"][2])
+    result["urs_full_path"] = _loss_and_grads(ddp, mbs["urs"], nat_loss_fn(urs_cfg),
+                                              arch.vocab_size, None)
+    # MXFP8's selected-count multiple (32 rows per TP rank), forced through the real rule with
+    # an FP8 view of the config (no Transformer Engine on CPU). The padding rows must change
+    # nothing.
     plain_multiple = output_module.selected_count_multiple
-    output_module.selected_count_multiple = lambda config: math.lcm(plain_multiple(config), 16)
+    output_module.selected_count_multiple = lambda config: plain_multiple(SimpleNamespace(
+        sequence_parallel=config.sequence_parallel, fp8="hybrid", fp8_recipe="mxfp8"))
     try:
-        result["rpc_pad16"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()),
+        result["rpc_pad_fp8"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()),
                                               arch.vocab_size, KEPT_FIELD)
     finally:
         output_module.selected_count_multiple = plain_multiple
@@ -247,7 +264,26 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
                                    num_micro_batches=micro_batches)
         result["none"] = _loss_and_grads(ddp, none, nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
         result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
+        # The selected last layer under full-layer recompute (the decoder replays layer ranges
+        # in the backward, with the last layer taken out of it) gives the same gradients.
+        from nat_megatron.tune.constants import RECOMPUTE
+
+        recomputed = build_model(arch, lay, **RECOMPUTE["full"])
+        load_hf_weights(recomputed, arch, HFReader(hf_dir))
+        result["urs_full_recompute"] = _loss_and_grads(
+            wrap_ddp(recomputed, use_distributed_optimizer=False), mbs["urs"],
+            nat_loss_fn(LossConfig(aggregation=CHECKS["urs"][2])), arch.vocab_size, KEPT_FIELD)
+    # Device discipline: gathering grads must keep them on the model's device for the
+    # collectives (NCCL on GPUs); tests/device_guard.py refuses anything else.
+    with device_discipline(ddp):
+        guarded = gather_full(ddp, grads=True)
+    plain_grads = gather_full(ddp, grads=True)
+    if plain_grads is not None:
+        result["guarded_gather_equal"] = guarded.keys() == plain_grads.keys() and all(
+            torch.equal(guarded[k], plain_grads[k]) and type(guarded[k]) is torch.Tensor
+            for k in plain_grads)
     # Last: it changes the weights.
     result["two_updates"] = _two_updates(ddp, samples, sels["rpc"], lay, arch.vocab_size)
-    shutdown()
+    if not keep_groups:
+        shutdown()
     return result if dist_rank0() else None

@@ -50,6 +50,18 @@ def logits_for_models(*, layout: dict, hf_dirs: list[str], tokens, weights, leng
     return out if dist_rank0() else None
 
 
+def run_layouts(*, runs: list[dict], **common):
+    """Several layouts in one launch (start-up is most of a launch's time): run_layout for
+    each dict of `runs` (layout, distributed_optimizer) on fresh Megatron groups."""
+    out = []
+    for run in runs:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        out.append(run_layout(**common, **run, keep_groups=True))
+    shutdown()
+    return out if dist_rank0() else None
+
+
 def run_layout(*, layout: dict, hf_dir: str, tokens: torch.Tensor, weights: torch.Tensor,
                lengths: list[int], mode: str = "train", lr: float = 1000.0,
                distributed_optimizer: bool = True, keep_groups: bool = False):
