@@ -236,21 +236,27 @@ def vllm_engine() -> dict:
 
 
 def _engine_round_trip(model_dir: str) -> dict:
-    """Against today's nat_megatron.rollout.engine.RolloutEngine (generate, update_weights,
-    sleep, wake_up, close); kept in one function so an API change is adapted here only."""
+    """nat_megatron.rollout.engine.RolloutEngine (generate, update_weights, sleep, wake_up,
+    close) as the trainer drives it, on one GPU (a world of one rank, one engine of TP 1)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nat_megatron.rollout.engine import RolloutEngine, SamplingConfig, logprob_mismatch
-
     from nat_megatron.data.chat import render_prompt
+    from nat_megatron.parallel.launch import single_process_env
+    from nat_megatron.rollout.engine import RolloutEngine, SamplingConfig
+
+    def logprob_mismatch(a, b):
+        diff = (torch.cat(a).double() - torch.cat(b).double()).abs()
+        return {"mean_abs": float(diff.mean()), "max_abs": float(diff.max())}
+
+    single_process_env()  # vLLM's external_launcher reads RANK, LOCAL_RANK, MASTER_ADDR/PORT
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok(render_prompt(tok, q, None), add_special_tokens=False)["input_ids"]
                for q in ("What is 12 + 7?", "Name a prime number.", "Spell cat backwards.",
                          "What is 3 * 4?")]
-    engine = RolloutEngine(model_dir, SamplingConfig(temperature=1.0, max_new_tokens=48, n=2, seed=0),
-                           dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)
+    engine = RolloutEngine(model_dir, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)
+    sampling, seeds = SamplingConfig(temperature=1.0, max_new_tokens=48, n=2), list(range(len(prompts)))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(_dev()).eval()
     free_memory = (lambda: torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else (lambda: 0)
 
@@ -268,13 +274,13 @@ def _engine_round_trip(model_dir: str) -> dict:
         return [torch.tensor(c.logprobs) for g in groups for c in g]
 
     res = {}
-    groups = engine.generate(prompts)
+    groups = engine.generate(prompts, sampling, seeds)
     res["tokens_generated"] = sum(len(c.token_ids) for g in groups for c in g)
     res["bf16_gap"] = logprob_mismatch(engine_logprobs(groups), hf_logprobs(groups))
     free = free_memory()
-    engine.sleep(level=1)
+    engine.sleep()  # as in training: weights to host memory, KV cache freed
     res["sleep_freed_gb"] = round((free_memory() - free) / 2**30, 2)
-    engine.wake_up()
+    engine.wake_up(["weights"])  # as before a weight sync
     # In-place update: perturbed weights in, then the engine must sample from them.
     g = torch.Generator().manual_seed(3)
     old_weights = {k: v.clone() for k, v in hf.state_dict().items()}
@@ -282,7 +288,8 @@ def _engine_round_trip(model_dir: str) -> dict:
         for p in hf.parameters():
             p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.02 * p.float().std())
     engine.update_weights((n, p.detach()) for n, p in hf.named_parameters())
-    groups = engine.generate(prompts)
+    engine.wake_up(["kv_cache"])
+    groups = engine.generate(prompts, sampling, seeds)
     res["after_update_gap"] = logprob_mismatch(engine_logprobs(groups), hf_logprobs(groups))
     hf.load_state_dict(old_weights)  # the same samples against the weights before the update
     res["after_update_gap_vs_old_weights"] = logprob_mismatch(engine_logprobs(groups),
@@ -318,8 +325,8 @@ def trainer_two_steps() -> dict:
 
 
 def _two_trainer_steps(cfg) -> list[dict]:
-    """Against today's nat_megatron.train.trainer.Trainer (train_step returns the step's
-    scalars); kept in one function so an API change is adapted here only."""
+    """nat_megatron.train.trainer.Trainer.train_step (rollout on the rank's engine, sleep,
+    training, wake and weight sync), twice; returns each step's scalars."""
     from nat_megatron.train.trainer import Trainer
 
     trainer = Trainer(cfg)
