@@ -62,10 +62,15 @@ CFGS = [_cfg(a) for a in AGGREGATIONS] + [_cfg("seq-mean-token-sum", 16.0)]
 CFG_IDS = [c.aggregation + ("-K" if c.seq_token_sum_constant else "") for c in CFGS]
 
 
-def _full(model, tokens, old, ref, adv, cfg):
+def _tis(old):
+    """Fixed truncated-importance weights in [0.5, 2] (the trainer's min(pi_old/pi_rollout, C))."""
+    return 0.5 + 1.5 * torch.rand(old.shape, generator=torch.Generator().manual_seed(5))
+
+
+def _full(model, tokens, old, ref, adv, cfg, tis=False):
     lp, ent = model(tokens)
     loss, _ = grpo_loss(lp, old_logprobs=old, advantages=adv, lengths=LENGTHS, cfg=cfg,
-                        ref_logprobs=ref, entropy=ent)
+                        ref_logprobs=ref, entropy=ent, tis_weights=_tis(old) if tis else None)
     return loss.detach(), _flat_grad(loss, model)
 
 
@@ -73,7 +78,7 @@ def _flat_grad(loss, model):
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, model.parameters())])
 
 
-def _monte_carlo(scheme, budget, cfg, options, *, hajek=False, chunks=200, per_chunk=100):
+def _monte_carlo(scheme, budget, cfg, options, *, hajek=False, tis=False, chunks=200, per_chunk=100):
     """Mean and standard error of the estimated loss and gradient over chunks * per_chunk draws.
 
     Each chunk stacks per_chunk independent draws as one batch: since nat_loss_sum is a sum,
@@ -93,9 +98,10 @@ def _monte_carlo(scheme, budget, cfg, options, *, hajek=False, chunks=200, per_c
             prob = kept.repeat_interleave(len(LENGTHS))[:, None].expand_as(prob)
         lp, ent = model(tokens)
         lp, old_r, ref_r, ent = (x.repeat(per_chunk, 1) for x in (lp, old, ref, ent))
+        tis_r = _tis(old).repeat(per_chunk, 1) if tis else None
         loss_sum, _ = nat_loss_sum(lp, old_logprobs=old_r, advantages=adv.repeat(per_chunk),
                                    selection_mask=sel.mask, selection_prob=prob, lengths=lengths,
-                                   cfg=cfg, ref_logprobs=ref_r, entropy=ent)
+                                   cfg=cfg, ref_logprobs=ref_r, entropy=ent, tis_weights=tis_r)
         loss = loss_sum / denom
         grads.append(_flat_grad(loss, model))
         losses.append(loss.detach())
@@ -116,6 +122,20 @@ def test_monte_carlo_loss_and_gradient_are_unbiased(scheme, budget, options, cfg
     loss, loss_se, grad, grad_se = _monte_carlo(scheme, budget, cfg, options)
     assert loss_se > 0 and abs(float(loss - full_loss)) <= 4 * float(loss_se)
     assert (grad_se > 0).sum() > len(grad) // 2, "most gradient components must vary"
+    assert ((grad - full_grad.double()).abs() <= 4 * grad_se + 1e-9).all(), \
+        ((grad - full_grad.double()).abs() / grad_se).max()
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("scheme,budget,options", MC_SCHEMES[1:3], ids=["rpc-0.25", "rpc-0.5-floor"])
+def test_monte_carlo_unbiased_with_kl_tis_and_dual_clip(scheme, budget, options, estimator):
+    """The KL term (each estimator), TIS weights and the dual clip carry the same 1/pi weight
+    as the policy term: the estimate stays unbiased (loss and every gradient component)."""
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_beta=0.5, kl_estimator=estimator, clip_ratio_c=1.5,
+                     tis_cap=2.0, old_logprobs="recompute", entropy_coef=0.01)
+    full_loss, full_grad = _full(*_setup(), cfg, tis=True)
+    loss, loss_se, grad, grad_se = _monte_carlo(scheme, budget, cfg, options, tis=True)
+    assert loss_se > 0 and abs(float(loss - full_loss)) <= 4 * float(loss_se)
     assert ((grad - full_grad.double()).abs() <= 4 * grad_se + 1e-9).all(), \
         ((grad - full_grad.double()).abs() / grad_se).max()
 
