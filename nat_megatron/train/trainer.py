@@ -59,6 +59,14 @@ def _repeat(items: list, n: int) -> list:
     return [x for x in items for _ in range(n)]
 
 
+def _samples(batch: RolloutBatch) -> list[Sample]:
+    """The replica's completions as training samples: rollout log-probs are pi_old until the
+    trainer recomputes them; advantages come later (Trainer.advantages)."""
+    return [Sample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(c.token_ids, dtype=torch.long),
+                   old_logprobs=torch.tensor(c.logprobs, dtype=torch.float32), advantage=0.0)
+            for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)]
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -214,14 +222,13 @@ class Trainer:
         with tel.phase("rollout"):  # generation and scoring (each sample once, spread over ranks)
             mine, every, scores, keep, metrics = self.rollout(prompts)
             self.engine.sleep()  # GPU memory to the trainer until the weight sync
-        with tel.phase("reward"):
+        with tel.phase("route"):  # each group to the replica that trains it
             batch = collect(mine, every, keep, scores, layout=self.engines, replicas=self.layout.dp,
                             replica_of=self.replica_of, group=cpu_group())
-            if cfg.reward.bingo.enabled:
+        if cfg.reward.bingo.enabled:
+            with tel.phase("reward"):
                 batch.rewards = batch.rewards + self.bingo_bonus(batch, metrics)
-        samples = [Sample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(c.token_ids, dtype=torch.long),
-                          old_logprobs=torch.tensor(c.logprobs, dtype=torch.float32), advantage=0.0)
-                   for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)]
+        samples = _samples(batch)
         selection = self.select(batch)
         with tel.phase("advantage"):
             samples = self.advantages(batch, samples, selection, metrics)
@@ -374,9 +381,7 @@ class Trainer:
         b = self.cfg.reward.bingo
         ref_lps = None
         if self.ref_model is not None:  # the reference policy's log-probs of every response
-            samples = [Sample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(c.token_ids, dtype=torch.long),
-                              old_logprobs=torch.zeros(len(c.token_ids)), advantage=0.0)
-                       for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)]
+            samples = _samples(batch)
             lengths = torch.tensor([len(s.response) for s in samples])
             everything = torch.arange(max(int(lengths.max()), 1))[None] < lengths[:, None]
             lp = self.forward_stats(self.ref_model, samples, everything)["logprobs"]
