@@ -153,6 +153,9 @@ class ParallelConfig:
     dp: int | str = "auto"
     sequence_parallel: bool = False
     micro_batch_size: int = 1  # sequences per micro-batch
+    # Or micro-batches by padded tokens (rows x padded length) instead of a sequence count: a
+    # step of short (RPC-truncated) sequences then runs as few, fuller micro-batches.
+    max_tokens_per_micro_batch: int | None = None
     gpus_per_node: int = 8
     recompute: str = "none"  # activation recompute: none | selective (MLP) | full (every layer)
 
@@ -160,7 +163,8 @@ class ParallelConfig:
         from nat_megatron.tune.constants import RECOMPUTE
 
         _one_of("parallel.recompute", self.recompute, tuple(RECOMPUTE))
-        _at_least(self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node")
+        _at_least(self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node",
+                  "max_tokens_per_micro_batch")
         _check(self.dp == "auto" or (isinstance(self.dp, int) and self.dp >= 1), "parallel.dp",
                f"must be an integer >= 1 or 'auto', got {self.dp!r}")
         self.layout()
@@ -429,6 +433,13 @@ class Config:
         _check(self.rollout.group_size >= 2, "rollout.group_size",
                "GRPO and OTB baseline each response against its group: with 1 sample per prompt every "
                f"advantage is 0 and nothing trains; use >= 2, got {self.rollout.group_size}")
+        budget, longest = self.parallel.max_tokens_per_micro_batch, self.seq_len
+        if budget is not None and longest is not None:
+            m = self.parallel.layout().seq_multiple
+            longest = -(-longest // m) * m
+            _check(budget >= longest, "parallel.max_tokens_per_micro_batch",
+                   f"must hold the longest sequence, data.max_prompt_tokens + rollout.max_new_tokens padded "
+                   f"to a multiple of {m} = {longest} tokens; got {budget}")
         _check(self.reward.overlong_buffer <= self.rollout.max_new_tokens, "reward.overlong_buffer",
                f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}, got "
                f"{self.reward.overlong_buffer}")

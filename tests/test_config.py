@@ -160,3 +160,11 @@ def test_dynamic_sampling_and_overlong_keys():
     ]:
         with pytest.raises(ValueError, match=message):
             load_config(CPU, overrides)
+
+
+def test_token_budget_micro_batches_key():
+    assert load_config(CPU, ["parallel.max_tokens_per_micro_batch=2048"]).parallel.max_tokens_per_micro_batch == 2048
+    with pytest.raises(ValueError, match="parallel.max_tokens_per_micro_batch: must hold the longest sequence"):
+        load_config(CPU, ["parallel.max_tokens_per_micro_batch=100"])
+    with pytest.raises(ValueError, match="parallel.max_tokens_per_micro_batch: must be >= 1"):
+        load_config(CPU, ["parallel.max_tokens_per_micro_batch=0"])

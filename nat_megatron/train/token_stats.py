@@ -39,23 +39,24 @@ def _forward_only_loss(stats: dict, mb):
 
 @torch.no_grad()
 def token_stats(chunks: list, samples: list[Sample], keep: torch.Tensor, *, layout, vocab_size: int,
-                micro_batch_size: int, sum_p2: bool = False, temperature: float = 1.0,
-                seq_multiple: int | None = None) -> dict[str, torch.Tensor]:
+                micro_batch_size: int = 1, sum_p2: bool = False, temperature: float = 1.0,
+                micro_batching: dict | None = None) -> dict[str, torch.Tensor]:
     """log p (and sum_v p^2) of response token t of sample i where keep[i, t], on every rank
     of this data-parallel replica (`samples`: the replica's samples, the same on its ranks).
 
-    Returns fp32 CPU tensors [N, T_max], zero where keep is False. Lengths pad to
-    `seq_multiple` (default: the layout's, without FP8).
+    Returns fp32 CPU tensors [N, T_max], zero where keep is False. `micro_batching`: the
+    grouping options of build_micro_batches (the trainer's); default micro_batch_size sequences
+    per micro-batch, lengths padded to the layout's multiple.
     """
     n = len(samples)
     lengths = torch.tensor([len(s.response) for s in samples])
     width = max(int(lengths.max()), 1)
     names = ["logprobs"] + (["sum_p2"] if sum_p2 else [])
     out = torch.zeros(len(names), n, width, dtype=torch.float32)
-    micro_batches = build_micro_batches(
-        samples, positions_selection(lengths, keep), aggregation="token-mean",
-        seq_multiple=seq_multiple or layout.seq_multiple, num_micro_batches=-(-n // micro_batch_size),
-        pad_rows=layout.vpp is not None)
+    grouping = micro_batching or {"seq_multiple": layout.seq_multiple, "pad_rows": layout.vpp is not None,
+                                  "num_micro_batches": -(-n // micro_batch_size)}
+    micro_batches = build_micro_batches(samples, positions_selection(lengths, keep), aggregation="token-mean",
+                                        **grouping)
     outs = forward_backward(chunks, micro_batches, _forward_only_loss, vocab_size=vocab_size,
                             forward_only=True, sum_p2=sum_p2, output_mask=KEPT_FIELD,
                             temperature=temperature)

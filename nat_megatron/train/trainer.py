@@ -309,9 +309,7 @@ class Trainer:
         mine = [samples[i] for i in part.tolist()]
         sel = Selection(mask=selection.mask[part], prob=selection.prob[part], cut=selection.cut[part],
                         lengths=selection.lengths[part])
-        micro_batches = build_micro_batches(
-            mine, sel, aggregation=cfg.loss.aggregation, seq_multiple=self.seq_multiple,
-            num_micro_batches=-(-len(mine) // cfg.parallel.micro_batch_size), pad_rows=self.layout.vpp is not None)
+        micro_batches = build_micro_batches(mine, sel, aggregation=cfg.loss.aggregation, **self._micro_batching(len(mine)))
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -335,9 +333,17 @@ class Trainer:
     def forward_stats(self, model: list, samples: list[Sample], keep: torch.Tensor, **kwargs) -> dict:
         """Forward-only per-token statistics of `model` at the `keep` positions (token_stats.py),
         of the distribution the engines sample from (logits / rollout.temperature)."""
-        return token_stats(model, samples, keep, layout=self.layout, vocab_size=self.arch.vocab_size,
-                           micro_batch_size=self.cfg.parallel.micro_batch_size, seq_multiple=self.seq_multiple,
+        return token_stats(model, samples, keep, vocab_size=self.arch.vocab_size, layout=self.layout,
+                           micro_batching=self._micro_batching(len(samples)),
                            temperature=self.cfg.rollout.temperature, **kwargs)
+
+    def _micro_batching(self, n: int) -> dict:
+        """build_micro_batches' grouping options for n samples (parallel.*): by a token budget,
+        or micro_batch_size sequences each; lengths padded to the layout's (and FP8's) multiple."""
+        p = self.cfg.parallel
+        size = ({"max_tokens": p.max_tokens_per_micro_batch} if p.max_tokens_per_micro_batch
+                else {"num_micro_batches": -(-n // p.micro_batch_size)})
+        return {"seq_multiple": self.seq_multiple, "pad_rows": self.layout.vpp is not None, **size}
 
     def select(self, batch: RolloutBatch) -> Selection:
         """The NAT selection of this replica's samples, drawn from (seed, step, step-wide sample
