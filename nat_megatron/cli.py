@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--export-hf", metavar="DIR",
                    help="write the final weights as a Hugging Face model to DIR "
                         "(same as checkpoint.export_hf=DIR)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the rollout engine's (vLLM's) log on the console, not only in <run>/logs/")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override a config value, e.g. nat.budget=0.25 parallel.tp=2")
     args = p.parse_args(argv)
@@ -43,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"overrides must look like key.sub=value, got {bad}")
     if args.export_hf:
         args.overrides.append(f"checkpoint.export_hf={args.export_hf}")
+    if args.verbose:  # read by every rank (the launcher passes its environment on)
+        os.environ["NAT_MEGATRON_VERBOSE"] = "1"
     return args
 
 

@@ -79,6 +79,16 @@ def _patch_megatron_rng() -> None:
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
 
 
+def quiet_third_party_warnings() -> None:
+    """Warnings about code we do not own, shown once per process by every rank: deprecated
+    torch.distributed calls inside Megatron-Core, and torch's note on reading .grad of a
+    non-leaf tensor, which the CPU redirection's `torch.Tensor.type` check triggers."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+
+
 def enable_cpu_megatron() -> bool:
     """Install the CPU redirection once per process; returns True when it is active."""
     global _CPU_MEGATRON
@@ -176,3 +186,37 @@ def retie_vllm_output_layer(model: torch.nn.Module, vllm_config) -> None:
     quant_method = getattr(lm_head, "quant_method", None)
     if quant_method is not None:
         quant_method.process_weights_after_loading(lm_head)
+
+
+def vllm_logs_to_file(path) -> None:
+    """Send vLLM's log records to `path` instead of the console, so that the trainer's progress
+    line stays readable. vLLM configures its "vllm" logger at import AND again when an engine is
+    built (from VLLM_LOGGING_CONFIG_PATH when set): we give it a config file that names our file
+    handler, and swap the handlers of an already configured logger too. Call before and after
+    building the engine. Also quiets two warnings vLLM's import triggers in torch on CPU."""
+    import json
+    import logging
+    import os
+    import warnings
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"version": 1, "disable_existing_loggers": False,
+              "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+              "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path),
+                                    "formatter": "plain"}},
+              "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}}}
+    config_file = path.with_suffix(".logging.json")
+    config_file.write_text(json.dumps(config))
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_file)
+    logger = logging.getLogger("vllm")
+    if not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter(config["formatters"]["plain"]["format"]))
+        logger.addHandler(handler)
+        logger.propagate = False
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)

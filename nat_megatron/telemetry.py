@@ -103,7 +103,8 @@ class Telemetry:
     """Metrics logger container (module docstring). Use as a context manager or call close()."""
 
     def __init__(self, cfg=None, *, total_steps: int, start_step: int = 0, rank: int | None = None,
-                 stream=None):
+                 stream=None, progress_keys: tuple[str, ...] | None = None):
+        """progress_keys: the scalars the progress line shows (None: all); TensorBoard gets all."""
         from nat_megatron.config import TelemetryConfig
 
         self.cfg = cfg if cfg is not None else TelemetryConfig()
@@ -118,6 +119,7 @@ class Telemetry:
         self.gpu = GpuMonitor() if self.cfg.nvml else None
         self._phases: dict[str, float] = defaultdict(float)
         self._start_step = start_step  # steps done before this process (a resumed run)
+        self.progress_keys = progress_keys
         self._t_start = self._t_step = time.perf_counter()
 
     @contextlib.contextmanager
@@ -169,8 +171,9 @@ class Telemetry:
         per_step = (time.perf_counter() - self._t_start) / max(done, 1)
         eta = per_step * max(self.total_steps - step, 0)
         parts = [f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%)"]
-        if scalars:
-            parts.append(" ".join(f"{k} {_fmt(out[k])}" for k in scalars))
+        shown = [k for k in scalars if self.progress_keys is None or k in self.progress_keys]
+        if shown:
+            parts.append(" ".join(f"{k} {_fmt(out[k])}" for k in shown))
         phases = [f"{k[5:]} {v:.1f}s" for k, v in out.items() if k.startswith("time/") and k != "time/step"]
         if phases:
             parts.append(" ".join(phases))

@@ -24,6 +24,7 @@ def init_distributed(layout: Layout, *, seed: int = 1234, timeout_minutes: int =
     """Join the job's process group (env:// from torchrun/srun) and build Megatron's groups."""
     _die_with_launcher()
     patches.enable_cpu_megatron()
+    patches.quiet_third_party_warnings()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():

