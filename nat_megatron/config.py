@@ -337,13 +337,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Distributed checkpoints every `every` steps; resume 'auto' (latest in dir), 'never' or a path."""
+    """Distributed checkpoints every `every` steps; resume 'auto' (the newest complete one in
+    dir that verifies), 'never' or a path. A resume whose config changes the run's meaning
+    (checkpoint/resume.py, MEANING_KEYS) is an error unless allow_config_change is true."""
 
     dir: str = "runs/checkpoints"
     every: int = 100
     keep_last: int | None = 2  # None keeps all
     resume: str = "auto"
     export_hf: bool | str = False  # write an HF directory at the end: true = <dir>/hf, or a path
+    allow_config_change: bool = False
 
     def export_dir(self) -> Path | None:
         """Where the end-of-run HF export goes, or None."""

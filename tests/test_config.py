@@ -73,6 +73,10 @@ def test_overrides():
                           "train.device=cpu has none"),
     ("nat.budget", "expected key.sub=value"),
     ("nat=3", "nat: must be a mapping"),
+    ("checkpoint.allow_config_change=maybe", "checkpoint.allow_config_change: expected true or false"),
+    ("checkpoint.allow_config_change=true", None),
+    ("data.allow_changed=2", "data.allow_changed: expected true or false"),
+    ("data.allow_changed=true", None),
 ])
 def test_bad_values_name_the_key(override, message):
     if message is None:

@@ -2,12 +2,15 @@
 
 Layout-independent: tensors are stored by global key and shape, so model weights saved at one
 TP/PP layout load at another. A save is atomic: it is written into `<name>.partial/` and
-renamed only after every rank finished, and `latest` is replaced atomically after that, so a
-crash during a save leaves the previous checkpoint as the latest good one.
+renamed only after every rank finished and a manifest of its files (checkpoint/integrity.py)
+is written and synced; `latest` is replaced atomically after that, so a crash during a save
+leaves the previous checkpoint as the latest good one. A load first checks the files against
+that manifest: a checkpoint is trusted input (see integrity.py), a mismatch is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -22,8 +25,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 
 from nat_megatron.checkpoint.gather import unwrap
+from nat_megatron.checkpoint.integrity import (
+    COMPLETE_MARK, LATEST, checkpoint_files, complete_checkpoints, fsync_dir, hash_share,
+    prune, verify_share, write_manifest, write_pointer)
 
-LATEST = "latest"
+RUN_META = "run.json"  # the resolved config and dataset fingerprint: plain JSON, read before any load
 # Fault injection for the kill-during-save test (tests/train/test_kill_resume.py): with this set
 # to N seconds, every save sleeps N s between writing `<name>.partial/` and renaming it, after
 # printing a line naming the partial directory, so a test can kill the job inside a save.
@@ -85,9 +91,14 @@ def _writer_results_dies_with_rank() -> None:
         filesystem_async._results_manager = manager  # keep it alive with the module
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded: its files do not match its manifest."""
+
+
 def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
-                    extra: dict | None = None) -> Path:
-    """Save model (+ optimizer, RNG, `extra` trainer state) atomically as `path`."""
+                    extra: dict | None = None, meta: dict | None = None) -> Path:
+    """Save model (+ optimizer, RNG, `extra` trainer state) atomically as `path`, with `meta`
+    (JSON) as run.json and a manifest of every file."""
     _writer_results_dies_with_rank()
     final = Path(path)
     partial = final.with_name(final.name + ".partial")
@@ -104,6 +115,7 @@ def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
     state["extra"] = extra or {}
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
+    _write_manifest(partial, meta)
     delay = float(os.environ.get(FAULT_SAVE_DELAY_ENV) or 0)
     if delay > 0:  # fault injection only (see FAULT_SAVE_DELAY_ENV)
         if dist.get_rank() == 0:
@@ -112,34 +124,61 @@ def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        fsync_dir(final.parent)
     dist.barrier()
     return final
 
 
-def mark_latest(root: str | Path, name: str, *, keep_last: int | None = None) -> None:
-    """Point root/latest at root/name (atomically) and delete all but the newest keep_last."""
+def _write_manifest(partial: Path, meta: dict | None) -> None:
+    """Every rank hashes (and syncs) its share of the files; rank 0 writes run.json and the manifest."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and meta is not None:
+        (partial / RUN_META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    names = [checkpoint_files(partial) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    shares = [None] * world
+    dist.all_gather_object(shares, hash_share(partial, names[0], rank=rank, world=world))
+    if rank == 0:
+        write_manifest(partial, {k: v for share in shares for k, v in share.items()})
+    dist.barrier()
+
+
+def mark_latest(root: str | Path, name: str, *, keep_last: int | None = None,
+                protect: tuple[Path | None, ...] = ()) -> None:
+    """Point root/latest at root/name (atomically, synced), then delete the complete
+    checkpoints beyond the keep_last highest steps, never root/name nor one in `protect`."""
     root = Path(root)
-    tmp = root / f"{LATEST}.tmp"
-    tmp.write_text(name)
-    os.replace(tmp, root / LATEST)
+    write_pointer(root, name)
     if keep_last:
-        _prune(root, keep_last)
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial")
-                   and (p / "metadata.json").exists()), key=lambda p: p.stat().st_mtime)
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep_last, protect=(root / name, *protect))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The last completely saved checkpoint under root, or None."""
-    marker = Path(root) / LATEST
-    if not marker.is_file():
-        return None
-    path = Path(root) / marker.read_text().strip()
-    return path if (path / "metadata.json").is_file() else None
+    """The complete checkpoint with the highest step under root, or None (not yet verified)."""
+    found = complete_checkpoints(Path(root))
+    return found[0] if found else None
+
+
+def read_meta(path: str | Path) -> dict | None:
+    """The run.json a checkpoint was saved with (None for one saved without)."""
+    f = Path(path) / RUN_META
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Collective: check every file of `path` against its manifest (ranks share the hashing);
+    CheckpointError naming the files otherwise, on every rank."""
+    path = Path(path)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problems = verify_share(path, rank=rank, world=world)
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, problems)
+        problems = [p for share in shares for p in share]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} fails its manifest check: {'; '.join(problems[:3])}{more}; "
+                              "it is not loaded (a checkpoint is trusted input): resume from another one")
 
 
 def _check_against_metadata(path: Path, state: dict) -> None:
@@ -208,11 +247,15 @@ def _restore_adam_steps(optimizer, steps: list[float]) -> None:
             state["step"] = torch.tensor(float(step))
 
 
-def load_checkpoint(path: str | Path, chunks: list, *, optimizer=None, load_rng: bool = True) -> dict:
-    """Load weights (any layout), and optimizer + RNG when given/asked; returns `extra`."""
+def load_checkpoint(path: str | Path, chunks: list, *, optimizer=None, load_rng: bool = True,
+                    verify: bool = True) -> dict:
+    """Load weights (any layout), and optimizer + RNG when given/asked; returns `extra`.
+    The files are checked against the manifest first (CheckpointError on a mismatch)."""
     path = Path(path)
-    if not (path / "metadata.json").is_file():
-        raise ValueError(f"{path} is not a complete distributed checkpoint (no metadata.json)")
+    if not (path / COMPLETE_MARK).is_file():
+        raise ValueError(f"{path} is not a complete distributed checkpoint (no {COMPLETE_MARK})")
+    if verify:  # verify=False: the caller just ran verify_checkpoint
+        verify_checkpoint(path)
     state = _model_state(chunks)
     _check_against_metadata(path, state)
     if optimizer is not None:

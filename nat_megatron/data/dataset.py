@@ -30,6 +30,7 @@ class DatasetConfig:
 
     path: a .jsonl/.parquet file, or None for the embedded arithmetic set (`split`, `size`,
     `seed` then select it). layout: "auto" or one of nat_megatron.data.layouts.LAYOUTS.
+    allow_changed: resume on data whose fingerprint differs from the checkpoint's (else an error).
     """
 
     path: str | None = None
@@ -40,6 +41,7 @@ class DatasetConfig:
     limit: int | None = None
     max_prompt_tokens: int | None = 512
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    allow_changed: bool = False
 
     def __post_init__(self):
         if self.layout != "auto" and self.layout not in LAYOUTS:

@@ -63,11 +63,19 @@ class DataIterator:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "shuffle": self.shuffle, "num_examples": len(self.dataset), "fingerprint": self.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; ValueError if it was taken on a different dataset or seed."""
+    def load_state_dict(self, state: dict, *, allow_changed: bool = False) -> None:
+        """Continue from `state`; ValueError if it was taken on a different dataset or seed.
+
+        allow_changed (data.allow_changed): the dataset may differ; the epoch is kept and the
+        position wraps into the new dataset's length.
+        """
         mine = {"seed": self.seed, "shuffle": self.shuffle, "num_examples": len(self.dataset)}
         if self.fingerprint is not None and state.get("fingerprint") is not None:
             mine["fingerprint"] = self.fingerprint
+        if allow_changed:
+            mine.pop("num_examples")
+            mine.pop("fingerprint", None)
+            state = dict(state, position=int(state["position"]) % len(self.dataset))
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(

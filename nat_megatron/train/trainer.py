@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from nat_megatron.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
+from nat_megatron.checkpoint.dist_ckpt import mark_latest, save_checkpoint
+from nat_megatron.checkpoint.lock import hold_checkpoint_dir
+from nat_megatron.checkpoint.resume import check_run, resume_checkpoint
 from nat_megatron.checkpoint.hf_io import HFReader, HFWriter, copy_tokenizer_files
 from nat_megatron.checkpoint.hf_mapping import load_hf_weights
 from nat_megatron.config import Config
@@ -79,6 +81,8 @@ class Trainer:
         self.seq_multiple = token_multiple(self.layout, fp8=cfg.model.fp8)
         init_distributed(self.layout, seed=cfg.train.seed)
         self.rank = dist.get_rank()
+        self.lock = hold_checkpoint_dir(cfg.checkpoint.dir)  # one job per checkpoint.dir
+        self.resumed_from = None
         self.hf_dir = self._weights_dir()
         self.arch = cfg.model.arch()
         self.model = self._build_model()
@@ -99,6 +103,7 @@ class Trainer:
         self.data = DataIterator(dataset.examples, batch_size=cfg.train.prompts_per_step,
                                  seed=cfg.train.seed)
         self.prompt_key = {ex.uid: i for i, ex in enumerate(dataset.examples)}
+        self.data_fingerprint = dataset.fingerprint()
         self.eval_prompts = None
         if cfg.eval.enabled:
             held_out = dataclasses.replace(cfg.data, path=cfg.eval.path, split="test", limit=cfg.eval.limit)
@@ -541,24 +546,26 @@ class Trainer:
         extra = {"step": self.step, "data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "skipped_in_a_row": self.skipped_in_a_row,
                  "bingo_lambda": self.bingo_lambda.state_dict() if self.bingo_lambda else None}
-        save_checkpoint(root / name, self.model, optimizer=self.optimizer, extra=extra)
+        meta = {"step": self.step, "config": self.cfg.to_dict(), "data_fingerprint": self.data_fingerprint}
+        save_checkpoint(root / name, self.model, optimizer=self.optimizer, extra=extra, meta=meta)
         if self.rank == 0:
-            mark_latest(root, name, keep_last=self.cfg.checkpoint.keep_last)
+            mark_latest(root, name, keep_last=self.cfg.checkpoint.keep_last, protect=(self.resumed_from,))
         dist.barrier()
 
     def _resume(self) -> None:
+        """Load the newest checkpoint that verifies (checkpoint/resume.py) and belongs to this run."""
         resume = self.cfg.checkpoint.resume
         if resume == "never":
             return
-        path = latest_checkpoint(self.cfg.checkpoint.dir) if resume == "auto" else Path(resume).expanduser()
-        if path is None:
+        found = resume_checkpoint(self.cfg.checkpoint.dir, None if resume == "auto" else resume, self.model,
+                                  optimizer=self.optimizer, check=lambda path, meta: check_run(
+                                      path, meta, config=self.cfg.to_dict(), fingerprint=self.data_fingerprint))
+        if found is None:
             return
-        if not (path / "metadata.json").is_file():
-            raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint (no metadata.json); "
-                             "give a step_NNNNNN directory that a finished save wrote, or 'auto'")
-        extra = load_checkpoint(path, self.model, optimizer=self.optimizer)
+        path, extra = found
+        self.resumed_from = path
         self.step, self.skipped_in_a_row = extra["step"], extra.get("skipped_in_a_row", 0)
-        self.data.load_state_dict(extra["data"])
+        self.data.load_state_dict(extra["data"], allow_changed=self.cfg.data.allow_changed)
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.bingo_lambda is not None and extra.get("bingo_lambda"):
             self.bingo_lambda.load_state_dict(extra["bingo_lambda"])
@@ -625,6 +632,8 @@ class Trainer:
         self.telemetry.close()
         if self.engine is not None:
             self.engine.close()
+        if self.lock is not None:
+            self.lock.release()
         shutdown()
 
 

@@ -113,3 +113,19 @@ def test_save_tp2pp2_resume_and_load_tp1(tiny_hf, tmp_path):
                  tokens=tokens[0, :, :16])[0]
     diff = (tp1["logits"] - first["logits"]).abs().max().item()
     assert diff <= 1e-5, f"logits after loading the TP2xPP2 checkpoint at TP1 differ by {diff}"
+
+
+@pytest.mark.dist
+def test_corrupt_checkpoint_is_refused_and_resume_falls_back(tiny_hf, tmp_path, capfd):
+    """A flipped byte is a named CheckpointError; auto resume skips it and a checkpoint that
+    fails to load (another model), with warnings, and loads the previous complete one."""
+    ck = tmp_path / "ck"
+    out = launch("tests.checkpoint.workers:save_corrupt_resume", 2, hf_dir=tiny_hf("llama", True), ckpt=str(ck))[0]
+    assert "does not match its hash in the manifest (corrupted)" in out["corrupt_load"], out
+    assert f"checkpoint {ck / 'step_000002'} fails its manifest check" in out["corrupt_load"]
+    assert out["explicit"].startswith("checkpoint.resume: checkpoint ") and "corrupted" in out["explicit"]
+    assert out["path"] == str(ck / "step_000001") and out["extra"] == {"step": 1}
+    assert out["meta"] == {"step": 3}  # run.json was read before the failing load of step 3
+    manifest = json.loads((ck / "step_000001" / "manifest.json").read_text())["files"]
+    assert {".metadata", "metadata.json", "common.pt", "run.json"} <= set(manifest)
+    assert sum(n.endswith(".distcp") for n in manifest) == 2  # both ranks' files, each hashed once

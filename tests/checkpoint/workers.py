@@ -73,3 +73,47 @@ def load_logits(*, layout, ckpt, hf_dir, tokens):
     out = {"logits": full_logits(chunks, tokens, arch.vocab_size), "weights": gather_full(chunks)}
     shutdown()
     return out if os.environ["RANK"] == "0" else None
+
+
+def save_corrupt_resume(*, hf_dir, ckpt):
+    """Save step_000001 and step_000002 (each rank hashing its share), flip one byte of the
+    newest, and add a step_000003 of another model (verifies, fails to load). Returns what
+    loading and resuming did, on rank 0."""
+    import dataclasses
+    import pathlib
+
+    from nat_megatron.checkpoint.dist_ckpt import CheckpointError, mark_latest
+    from nat_megatron.checkpoint.resume import resume_checkpoint
+
+    lay = Layout(dp=2)
+    init_distributed(lay, seed=7)
+    arch = ModelArch.from_hf_dir(hf_dir)
+    chunks = build_model(arch, lay)
+    load_hf_weights(chunks, arch, HFReader(hf_dir))
+    root = pathlib.Path(ckpt)
+    for step in (1, 2):
+        save_checkpoint(root / f"step_{step:06d}", chunks, extra={"step": step}, meta={"step": step})
+        if torch.distributed.get_rank() == 0:
+            mark_latest(root, f"step_{step:06d}", keep_last=5)
+    other = build_model(dataclasses.replace(arch, ffn_hidden_size=arch.ffn_hidden_size * 2), lay)
+    save_checkpoint(root / "step_000003", other, extra={"step": 3}, meta={"step": 3})
+    torch.distributed.barrier()
+    out = {}
+    if torch.distributed.get_rank() == 0:
+        blob = next((root / "step_000002").glob("*.distcp"))
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    torch.distributed.barrier()
+    try:
+        load_checkpoint(root / "step_000002", chunks)
+    except CheckpointError as e:
+        out["corrupt_load"] = str(e)
+    try:
+        resume_checkpoint(root, root / "step_000002", chunks)
+    except ValueError as e:
+        out["explicit"] = str(e)
+    path, extra = resume_checkpoint(root, None, chunks, check=lambda p, meta: out.setdefault("meta", meta))
+    out.update(path=str(path), extra=extra)
+    shutdown()
+    return out if os.environ["RANK"] == "0" else None
