@@ -22,20 +22,31 @@ class Score:
 
 
 RewardFn = Callable[[str, str], Score]
+AnswerCheck = Callable[[str], "str | None"]  # reference answer -> None, or why the reward cannot use it
 
 _REGISTRY: dict[str, RewardFn] = {}
+_ANSWER_CHECKS: dict[str, AnswerCheck] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator registering a reward function under `name` (names are unique)."""
+def register_reward(name: str, *, answer_check: AnswerCheck | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering a reward function under `name` (names are unique). answer_check:
+    for rewards that need a form of reference answer (exact_int: an integer), so that the
+    dataset loader skips and counts unusable rows instead of failing at scoring time."""
 
     def decorate(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         _REGISTRY[name] = fn
+        if answer_check is not None:
+            _ANSWER_CHECKS[name] = answer_check
         return fn
 
     return decorate
+
+
+def answer_check_of(name: str) -> AnswerCheck | None:
+    """The reference-answer check of reward `name`, or None when any string answer will do."""
+    return _ANSWER_CHECKS.get(name)
 
 
 def available_rewards() -> list[str]:

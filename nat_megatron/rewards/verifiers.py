@@ -104,7 +104,11 @@ def math_verify_reward(completion: str, answer: str) -> Score:
     return math_verify_score(completion, answer)
 
 
-@register_reward("exact_int")
+def _integer_answer(answer: str) -> str | None:
+    return None if to_int(answer) is not None else "answer_not_int"
+
+
+@register_reward("exact_int", answer_check=_integer_answer)
 def exact_int_reward(completion: str, answer: str) -> Score:
     """Integer equality of the last boxed answer (else last number) with an integer `answer`."""
     gold = to_int(answer) if isinstance(answer, str) else None

@@ -97,9 +97,9 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
-        dataset = load_dataset(cfg.data, self.tokenizer)
+        dataset = load_dataset(cfg.data, self.tokenizer, reward=cfg.reward.name)
         if self.rank == 0 and dataset.skipped:
-            print(f"data: skipped rows by reason: {dict(dataset.skipped)}", flush=True)
+            print(dataset.report(), flush=True)
         self.data = DataIterator(dataset.examples, batch_size=cfg.train.prompts_per_step,
                                  seed=cfg.train.seed)
         self.prompt_key = {ex.uid: i for i, ex in enumerate(dataset.examples)}

@@ -118,16 +118,9 @@ def test_unknown_layout_and_undetectable(tmp_path):
 
 
 def test_parquet(tmp_path):
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        # Without pyarrow the error must name the fix.
-        path = tmp_path / "x.parquet"
-        path.write_bytes(b"PAR1")
-        with pytest.raises(ImportError, match="pip install pyarrow"):
-            read_examples(path)
-        return
+    import pyarrow as pa  # a dependency (requirements.txt)
+    import pyarrow.parquet as pq
+
     path = tmp_path / "gsm.parquet"
     pq.write_table(pa.table({"question": ["q1", "q2"], "answer": ["#### 3", "none"]}), path)
     ds = read_examples(path)
