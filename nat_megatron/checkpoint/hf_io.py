@@ -94,3 +94,44 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Put the finished directory `tmp` in place of `final` by renames, so that `final` is
+    always either the old complete directory or the new one (a crash between the two renames
+    leaves the old one as `<final>.old`)."""
+    from nat_megatron.checkpoint.integrity import fsync_dir, fsync_file
+
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync_file(f)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.replace(old)
+    tmp.replace(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_hf_export(out: str | Path, tensors, *, source_dir: str | Path, write: bool) -> None:
+    """An HF directory at `out` from (name, tensor) pairs plus source_dir's config and tokenizer.
+
+    Written into `<out>.partial/` and renamed into place when complete, so an interrupted
+    export never leaves a half-written model where a user would load it. Every rank iterates
+    `tensors` (they may be collectives); only the one with write=True writes.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    writer = None
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer = HFWriter(tmp)
+    for name, tensor in tensors:
+        if writer is not None:
+            writer.add(name, tensor)
+    if writer is not None:
+        writer.close()
+        shutil.copy2(Path(source_dir) / "config.json", tmp / "config.json")
+        copy_tokenizer_files(source_dir, tmp)
+        publish_dir(tmp, out)

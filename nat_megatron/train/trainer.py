@@ -28,7 +28,7 @@ from megatron.core import parallel_state
 from nat_megatron.checkpoint.dist_ckpt import mark_latest, save_checkpoint
 from nat_megatron.checkpoint.lock import hold_checkpoint_dir
 from nat_megatron.checkpoint.resume import check_run, resume_checkpoint
-from nat_megatron.checkpoint.hf_io import HFReader, HFWriter, copy_tokenizer_files
+from nat_megatron.checkpoint.hf_io import HFReader, write_hf_export
 from nat_megatron.checkpoint.hf_mapping import load_hf_weights
 from nat_megatron.config import Config
 from nat_megatron.data.dataset import load_dataset
@@ -573,15 +573,10 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def export_hf(self, out: str | Path) -> None:
-        """Write the current weights as a Hugging Face directory (rank 0 writes; all ranks send)."""
-        writer = HFWriter(out) if self.rank == 0 else None
-        for name, tensor in hf_weight_stream(self.model, self.arch, to=0):
-            if writer is not None:
-                writer.add(name, tensor)
-        if writer is not None:
-            writer.close()
-            (Path(out) / "config.json").write_text((self.hf_dir / "config.json").read_text())
-            copy_tokenizer_files(self.hf_dir, out)
+        """Write the current weights as a Hugging Face directory (rank 0 writes; all ranks send),
+        into a temporary directory renamed into place when complete."""
+        write_hf_export(out, hf_weight_stream(self.model, self.arch, to=0), source_dir=self.hf_dir,
+                        write=self.rank == 0)
         dist.barrier()
 
     def evaluate(self) -> dict:
