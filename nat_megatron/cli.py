@@ -3,7 +3,10 @@
 The dry run checks a config and its parallel layout on CPU without weights or compute: the
 model's shape (preset, model.hf_config or hf_dir/config.json), the layout rules of
 parallel/layout.py at the world size the config expects, sequence-length divisibility and the
-batch split, then prints the resolved config (YAML), the layout and the tuner's memory estimate.
+batch split; the inputs the job will read: data.path (exists, readable, its first rows parse
+with the layout and the reward) and checkpoint.resume (the checkpoint exists, is complete, has
+its manifest, and was saved by a run of the same meaning); then prints the resolved config
+(YAML), the layout, the tuner's memory estimate and what would be resumed.
 Without --dry-run, `run(config)` of nat_megatron/train/trainer.py trains; started outside
 torchrun/srun, main first starts parallel.world_size local ranks (torchrun) running this command.
 Exit codes: 0 ok, 2 invalid config (one line naming the key, no traceback), 1 other failures.
@@ -123,11 +126,78 @@ def _estimate(cfg, arch, layout, rollout):
                         distributed_optimizer=cfg.optim.distributed_optimizer, rollout=rollout)
 
 
+PEEK_ROWS = 20  # usable rows the dry run reads from data.path
+
+
+def check_data(cfg) -> str:
+    """data.path as the job will read it: exists, readable, the first rows parse with the
+    layout and the reward's answer check. ValueError naming the key; a report line otherwise."""
+    from nat_megatron.data.dataset import read_examples
+    from nat_megatron.rewards import answer_check_of
+
+    if cfg.data.path is None:
+        return "# data: the embedded arithmetic problems"
+    path = Path(cfg.data.path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data.path: {path} does not exist (seen from {os.getcwd()}); fix the path, or run the "
+                         "dry run where the job's files are")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"data.path: {path} is not readable by this user; fix its permissions")
+    try:
+        ds = read_examples(path, cfg.data.layout, PEEK_ROWS, answer_check=answer_check_of(cfg.reward.name))
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith("data.") else f"data.path: {msg}") from None
+    except OSError as e:
+        raise ValueError(f"data.path: cannot read {path} ({e}); fix the file or the path") from None
+    skipped = f", skipped on the way: {dict(ds.skipped)}" if ds.skipped else ""
+    return f"# data: {path}: layout {ds.layout}, the first {len(ds)} rows parse{skipped}"
+
+
+def check_resume(cfg) -> str:
+    """checkpoint.resume as the job will see it: a given checkpoint exists, is complete, has
+    its manifest and run.json and a run of the same meaning saved it. ValueError naming the key."""
+    from nat_megatron.checkpoint.dist_ckpt import read_meta
+    from nat_megatron.checkpoint.integrity import COMPLETE_MARK, MANIFEST, complete_checkpoints, pointer_problem
+    from nat_megatron.checkpoint.resume import check_run
+
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return "# resume: never (starts at step 0)"
+    notes = []
+    if resume == "auto":
+        root = Path(cfg.checkpoint.dir).expanduser()
+        found = complete_checkpoints(root)
+        if not found:
+            return f"# resume: no complete checkpoint in {root}: starts at step 0"
+        path = found[0]
+        problem = pointer_problem(root)
+        notes = [f"# note: {problem}; the job resumes from the newest complete checkpoint"] if problem else []
+    else:
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"checkpoint.resume: {path} does not exist; give a step_NNNNNN directory, 'auto' or 'never'")
+        if not (path / COMPLETE_MARK).is_file():
+            raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE_MARK}); "
+                             "give a step_NNNNNN directory that a finished save wrote, or 'auto'")
+    if not (path / MANIFEST).is_file():
+        raise ValueError(f"checkpoint.resume: {path} has no {MANIFEST}, so it cannot be verified and will not be "
+                         "loaded; give a checkpoint this trainer saved")
+    try:
+        check_run(path, read_meta(path), config=cfg.to_dict(), fingerprint=None)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(("checkpoint.", "data.")) else f"checkpoint.resume: {msg}") from None
+    return "\n".join([f"# resume: from {path} (files are hashed against its manifest at the start)", *notes])
+
+
 def dry_run(cfg) -> str:
-    """The dry run's report: resolved config, layout, micro-batching and the estimate."""
+    """The dry run's report: resolved config, layout, micro-batching, the estimate, and the
+    checks of data.path and checkpoint.resume."""
     from nat_megatron.parallel.layout import micro_batches_per_rank
 
     info = check(cfg)
+    inputs = [check_data(cfg), check_resume(cfg)]
     arch, lay, est, roll = info["arch"], info["layout"], info["estimate"], info["rollout"]
     m = micro_batches_per_rank(lay, cfg.global_batch, cfg.parallel.micro_batch_size)
     lines = ["# resolved config", cfg.to_yaml().rstrip(), "",
@@ -160,9 +230,7 @@ def dry_run(cfg) -> str:
         lines.append(f"# fits: {est.fits}" + (f" ({est.why_not})" if est.why_not else ""))
         lines.append(f"# estimated step time {est.time.step_s:.2f} s, "
                      f"{est.time.tokens_per_s_per_gpu:.0f} tokens/s/GPU")
-    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
-        lines.append(f"# note: data.path {cfg.data.path} does not exist on this machine")
-    return "\n".join(lines)
+    return "\n".join(lines + inputs)
 
 
 def launch(cfg, argv: list[str]) -> int | None:

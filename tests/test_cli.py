@@ -17,12 +17,21 @@ RUNS = {p.stem: [str(p)] for p in PRESETS}
 RUNS["bad-tp"] = [str(CPU), "parallel.tp=2", "parallel.pp=1"]
 
 
+GSM8K_ROWS = [{"question": f"Tom has {n} apples. How many?", "answer": f"He has {n}.\n#### {n}"} for n in range(5)]
+
+
 @pytest.fixture(scope="module")
-def dry_runs():
-    """Start every dry run at once (each pays Python + torch start-up), then collect them."""
+def dry_runs(tmp_path_factory):
+    """Start every dry run at once (each pays Python + torch start-up), then collect them.
+    They run where the presets' data.path (data/gsm8k_train.jsonl) exists, as on a cluster."""
+    import json
+
+    cwd = tmp_path_factory.mktemp("job")
+    (cwd / "data").mkdir()
+    (cwd / "data" / "gsm8k_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = {name: subprocess.Popen([sys.executable, "-m", "nat_megatron.train", "--config", args[0],
-                                     "--dry-run", *args[1:]], cwd=ROOT, env=env, text=True,
+                                     "--dry-run", *args[1:]], cwd=cwd, env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for name, args in RUNS.items()}
     return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
@@ -117,3 +126,47 @@ def test_run_inside_a_job(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["--config", str(CPU)]) == 2 and len(calls) == 1
     assert "parallel.world_size: the config expects 2 processes" in capsys.readouterr().err
+
+
+def test_dry_run_checks_data_path_and_checkpoint_resume(tmp_path, capsys):
+    import json
+
+    from nat_megatron.checkpoint.integrity import checkpoint_files, hash_share, write_manifest
+    from nat_megatron.config import load_config
+
+    def run(*overrides):
+        code = main(["--config", str(CPU), "--dry-run", *overrides])
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    code, out = run(f"data.path={tmp_path}/missing.jsonl")
+    assert code == 2 and f"invalid config: data.path: {tmp_path}/missing.jsonl does not exist" in out
+    junk = tmp_path / "junk.jsonl"
+    junk.write_bytes(b"\xff\xfe not json\n[[[\n")
+    code, out = run(f"data.path={junk}")
+    assert code == 2 and "invalid config: data.path: cannot detect the field layout" in out
+    good = tmp_path / "gsm.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    code, out = run(f"data.path={good}", "reward.name=exact_int")
+    assert code == 0 and f"# data: {good}: layout gsm8k, the first 5 rows parse" in out
+    assert "# resume: no complete checkpoint in" in out
+
+    code, out = run(f"checkpoint.resume={tmp_path}/nope")
+    assert code == 2 and f"invalid config: checkpoint.resume: {tmp_path}/nope does not exist" in out
+    ck = tmp_path / "ck" / "step_000003"
+    ck.mkdir(parents=True)
+    code, out = run(f"checkpoint.resume={ck}")
+    assert code == 2 and "is not a complete checkpoint (no metadata.json)" in out
+    (ck / "metadata.json").write_text("{}")
+    code, out = run(f"checkpoint.resume={ck}")
+    assert code == 2 and "has no manifest.json" in out
+    saved = load_config(CPU, ["nat.budget=0.25"]).to_dict()
+    (ck / "run.json").write_text(json.dumps({"config": saved, "data_fingerprint": "x"}, default=str))
+    write_manifest(ck, hash_share(ck, checkpoint_files(ck)))
+    code, out = run(f"checkpoint.resume={ck}")
+    assert code == 2 and "checkpoint.allow_config_change: resuming" in out and "nat.budget: 0.25 -> 0.5" in out
+    code, out = run(f"checkpoint.resume={ck}", "nat.budget=0.25")
+    assert code == 0 and f"# resume: from {ck}" in out
+    (tmp_path / "ck" / "latest").write_text("")
+    code, out = run(f"checkpoint.dir={tmp_path / 'ck'}", "nat.budget=0.25")
+    assert code == 0 and f"# resume: from {ck}" in out and "latest is empty" in out
