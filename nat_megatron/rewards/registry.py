@@ -1,7 +1,9 @@
 """Reward functions by name: what a config's `reward: math_verify` resolves to.
 
 A reward function takes one completion and its reference answer and returns a `Score`.
-It must never raise on model text (garbage scores 0) and never execute or eval it.
+It must never raise on model text (garbage scores 0) and never execute or eval it; one that
+raises anyway scores 0 with status 'error'. To run in the scoring worker (score_batch with a
+timeout) it must be picklable: a module-level function whose module registers it on import.
 """
 
 from __future__ import annotations
@@ -80,15 +82,35 @@ class Scores:
         return sum(self.correct) / len(self.correct) if self.correct else 0.0
 
 
-def score_batch(reward: str | RewardFn, completions: Sequence[str], answers: Sequence[str]) -> Scores:
-    """Score `completions[i]` against `answers[i]` with the reward named (or given) by `reward`."""
+def _guarded(fn: RewardFn, completion: str, answer: str) -> Score:
+    """fn's Score, or 0 with status 'error' when it raises: one bad sample never stops a step."""
+    try:
+        return fn(completion, answer)
+    except Exception:  # noqa: BLE001
+        return Score(0.0, False, None, "error")
+
+
+def score_batch(reward: str | RewardFn, completions: Sequence[str], answers: Sequence[str], *,
+                timeout: float | None = None) -> Scores:
+    """Score `completions[i]` against `answers[i]` with the reward named (or given) by `reward`.
+
+    timeout (reward.timeout): each sample is scored in this process's scoring worker
+    (rewards/worker.py), which is killed when a sample runs past `timeout` seconds, C code
+    included (status 'timeout'). None scores here, under the reward's own limits only. Either
+    way a reward that raises scores 0 with status 'error'; `counts` has every status.
+    """
     if len(completions) != len(answers):
         raise ValueError(
             f"got {len(completions)} completions but {len(answers)} answers; pass one answer per "
             "completion (repeat a prompt's answer for each of its samples)"
         )
     fn = get_reward(reward) if isinstance(reward, str) else reward
-    scores = [fn(completion, answer) for completion, answer in zip(completions, answers)]
+    if timeout is None:
+        scores = [_guarded(fn, completion, answer) for completion, answer in zip(completions, answers)]
+    else:
+        from nat_megatron.rewards.worker import score_in_worker
+
+        scores = score_in_worker(fn, completions, answers, timeout=timeout)
     return Scores(
         rewards=[s.reward for s in scores],
         correct=[s.correct for s in scores],

@@ -20,6 +20,9 @@ from nat_megatron.rewards.registry import Score, register_reward
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 2.0
+# The registered math_verify reward's deadline; the scoring worker (worker.py) sets it from
+# reward.timeout, a little below its own hard kill.
+DEADLINE_S = DEFAULT_TIMEOUT_S
 # Only the tail of a completion can hold its final answer; capping bounds regex time too
 # (Python's `re` does not check for signals, so a deadline cannot stop a long match).
 MAX_COMPLETION_CHARS = 4000
@@ -101,7 +104,7 @@ def math_verify_score(completion: str, answer: str, *, timeout_s: float = DEFAUL
 @register_reward("math_verify")
 def math_verify_reward(completion: str, answer: str) -> Score:
     """math-verify equivalence of the last boxed answer (else last number) with `answer`."""
-    return math_verify_score(completion, answer)
+    return math_verify_score(completion, answer, timeout_s=DEADLINE_S)
 
 
 def _integer_answer(answer: str) -> str | None:

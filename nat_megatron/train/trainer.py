@@ -230,7 +230,8 @@ class Trainer:
         if not completions:  # batch_decode([]) returns one empty text
             return []
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        scores = score_batch(self.cfg.reward.name, texts, [prompts[i].answer for i in prompt_indices])
+        scores = score_batch(self.cfg.reward.name, texts, [prompts[i].answer for i in prompt_indices],
+                             timeout=self.cfg.reward.timeout)
         return [(float(r), bool(c), st) for r, c, st in zip(scores.rewards, scores.correct, scores.statuses)]
 
     def train_step(self) -> dict:
