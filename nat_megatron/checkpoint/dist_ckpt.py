@@ -76,23 +76,35 @@ def _restore_rng(state: dict) -> None:
 def _writer_results_dies_with_rank() -> None:
     """Megatron's torch_dist writer keeps its results in a multiprocessing Manager, a spawned
     server process per rank that would outlive a killed rank (kill -9, a hard job stop) as an
-    orphan. Start that Manager ourselves, with the rule the ranks follow: die with the parent."""
+    orphan. Start that Manager ourselves, with the rule the ranks follow: die with the parent,
+    and leave the stop signals to the rank (_writer_manager_init)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:
         import multiprocessing as mp
         from multiprocessing.managers import SyncManager
 
-        from nat_megatron.parallel.distributed import die_with_parent
-
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=die_with_parent)
+        manager.start(initializer=_writer_manager_init)
         filesystem_async._results_queue = manager.Queue()
         filesystem_async._results_manager = manager  # keep it alive with the module
 
 
 class CheckpointError(ValueError):
     """A checkpoint that must not be loaded: its files do not match its manifest."""
+
+
+def _writer_manager_init() -> None:
+    """Start of the writer's Manager process: die with the rank; ignore SIGTERM/SIGUSR1/SIGINT.
+    A job's stop signal reaches every process of the job, and the rank saves a checkpoint
+    after it (train/preemption.py), which needs this process alive."""
+    import signal
+
+    from nat_megatron.parallel.distributed import die_with_parent
+
+    die_with_parent()
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,

@@ -17,6 +17,7 @@ Statuses: the reward's own (ok, wrong, no_answer, ...), `timeout` (killed at the
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import pickle
@@ -44,7 +45,14 @@ def _die_with_parent() -> None:
 
 def _serve(conn, soft_deadline_s: float) -> None:
     """Worker loop: (fn, completion, answer) in, Score out, until the pipe closes."""
+    import signal
+
     _die_with_parent()
+    # A job's stop signal reaches every process of the job; the rank finishes its step (this
+    # scoring included) before it stops, so the worker must not die of it. It ends when the
+    # rank closes the pipe, or dies with it.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     from nat_megatron.rewards import verifiers
 
     verifiers.DEADLINE_S = soft_deadline_s  # math-verify's own graceful deadline, below the kill
@@ -133,6 +141,14 @@ class ScoringWorker:
                 self.proc.kill()
                 self.proc.join(timeout=5)
         self.proc, self.conn = None, None
+
+
+@atexit.register
+def _close_worker() -> None:
+    """Close the pipe so the worker exits (multiprocessing's own exit hook would SIGTERM it,
+    which it ignores, and then wait for it)."""
+    if _worker is not None:
+        _worker.close()
 
 
 def worker(timeout: float) -> ScoringWorker:

@@ -52,6 +52,7 @@ from nat_megatron.telemetry import Telemetry
 from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn
 from nat_megatron.train.forward_backward import forward_backward
 from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from nat_megatron.train.preemption import Preemption
 from nat_megatron.train.token_stats import token_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,6 +83,7 @@ class Trainer:
         init_distributed(self.layout, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.lock = hold_checkpoint_dir(cfg.checkpoint.dir)  # one job per checkpoint.dir
+        self.preemption = Preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit (train())
         self.resumed_from = None
         self.hf_dir = self._weights_dir()
         self.arch = cfg.model.arch()
@@ -617,10 +619,13 @@ class Trainer:
             scalars = self.train_step()
             self.telemetry.log_step(self.step, scalars)
             last = self.step == self.cfg.train.steps
-            if (ev.every and self.step % ev.every == 0) or (ev.at_end and last):
-                self.log_eval(self.evaluate())
-            if self.step % every == 0 or last:
+            stop = self.preemption.requested() and not last  # the same on all ranks
+            if not stop and ((ev.every and self.step % ev.every == 0) or (ev.at_end and last)):
+                self.log_eval(self.evaluate())  # skipped when stopping: the save comes first
+            if self.step % every == 0 or last or stop:
                 self.save()
+            if stop:
+                self.preemption.exit(self.step)
         if self.cfg.checkpoint.export_dir() is not None:
             self.export_hf(self.cfg.checkpoint.export_dir())
 

