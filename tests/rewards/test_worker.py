@@ -61,3 +61,17 @@ def test_bad_timeout_and_unpicklable_reward_are_named():
         score_batch("exact_int", ["1"], ["1"], timeout=0)
     with pytest.raises(ValueError, match="cannot be sent to the scoring worker"):
         score_batch(lambda c, a: None, ["1"], ["1"], timeout=5.0)
+
+
+def test_worker_outlives_the_jobs_stop_signals():
+    """SLURM signals every process of a job; the rank finishes its step (scoring included)
+    before it stops, so the worker ignores SIGUSR1/SIGTERM and keeps its pid."""
+    import os
+    import signal
+
+    pid = score_batch(slow_rewards.worker_pid, ["a"], [""], timeout=5.0).extracted[0]
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        os.kill(int(pid), sig)
+    time.sleep(0.5)
+    scores = score_batch(slow_rewards.worker_pid, ["b"], [""], timeout=5.0)
+    assert scores.extracted == [pid] and scores.counts == {"ok": 1}
