@@ -5,7 +5,9 @@ Safety: model text only meets regular expressions, math-verify's LaTeX grammar (
 for plain arithmetic such as "1/2", sympy's `parse_expr` on strings math-verify's regex has
 already limited to digits, whitespace, "." and + - * / ^ ( ) x ÷: no names, so nothing
 callable can be reached. Each sample gets a wall-clock deadline (SIGALRM) in the main
-thread; elsewhere signals are unavailable and we use the bounded pure-Python comparison.
+thread; elsewhere signals are unavailable and we use the bounded pure-Python comparison. The
+trainer scores through score_batch(..., timeout=reward.timeout), i.e. in the scoring worker
+(worker.py), whose process is killed at the deadline: the hard limit that SIGALRM is not.
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ class ScoringWorker:
         return Score(0.0, False, None, "timeout")
 
     def close(self) -> None:
+        """Close the pipe (the worker then exits) and wait for it; kill it if it does not."""
         if self.conn is not None:
             self.conn.close()
         if self.proc is not None:

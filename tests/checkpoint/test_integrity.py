@@ -126,3 +126,13 @@ def test_lock_keeps_a_second_job_off_and_takes_over_a_dead_holder(tmp_path, monk
         DirLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "17")  # the same job, requeued onto another node
     DirLock(tmp_path).acquire().release()
+
+
+@pytest.mark.dist
+def test_a_second_job_on_a_locked_dir_stops_on_every_rank(tmp_path):
+    from tests.launcher import launch
+
+    # the holder: this test process, alive, on this host
+    (tmp_path / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": None}))
+    errors = launch("tests.checkpoint.workers:take_lock", 2, timeout=120, directory=str(tmp_path))
+    assert errors[0] == errors[1] and errors[0].startswith(f"checkpoint.dir: {tmp_path} is in use by pid {os.getpid()}")

@@ -117,3 +117,17 @@ def save_corrupt_resume(*, hf_dir, ckpt):
     out.update(path=str(path), extra=extra)
     shutdown()
     return out if os.environ["RANK"] == "0" else None
+
+
+def take_lock(*, directory):
+    """hold_checkpoint_dir on every rank; returns the error each rank raised (or None)."""
+    from nat_megatron.checkpoint.lock import hold_checkpoint_dir
+
+    torch.distributed.init_process_group("gloo")
+    try:
+        hold_checkpoint_dir(directory)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    torch.distributed.destroy_process_group()
+    return error
