@@ -5,8 +5,9 @@ Four launches of the same command on a tiny random Llama (tests/train/conftest.p
   B  killed (SIGKILL to the whole process group) during step 3, once step 2's checkpoint is in;
   C  resumed from step 2, killed inside the save of step 3 (NAT_MEGATRON_FAULT_SAVE_DELAY_S
      holds the save between writing step_000003.partial/ and renaming it);
-  D  resumed with no fault: it must start from step_000002 (the last complete checkpoint, not
-     the partial one) and finish; every step's loss and mean reward equal A's.
+  D  resumed with no fault, after `latest` was pointed at a checkpoint that does not exist: it
+     must name that in a warning and start from step_000002 (the newest complete checkpoint,
+     not the partial one, and not step 0) and finish; every step's loss and mean reward equal A's.
 The runs use OTB advantages and the Bingo length reward with the dynamic schedule, so their
 state (reference response statistics, the schedule) is part of what must resume exactly.
 """
@@ -156,8 +157,11 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_smollm2, tmp_path
     assert (ck / "latest").read_text() == "step_000002"
     assert (ck / "step_000003.partial").is_dir() and not (ck / "step_000003").exists()
 
-    # D: no fault: resumes from the last complete checkpoint and finishes.
+    # D: no fault, but a `latest` naming a checkpoint that is not there (a lost or hand-edited
+    # pointer): resumes from the newest complete checkpoint, with a warning, and finishes.
+    (ck / "latest").write_text("step_000003")
     out = Job(args(b, "tb3"), env).finish()
+    assert f"{ck / 'latest'} names 'step_000003', which does not exist" in out, out[-3000:]
     job_a.finish()
     t_a = time.monotonic() - t0
     ref = scalars([a / "tb"])
