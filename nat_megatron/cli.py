@@ -159,20 +159,26 @@ def check_resume(cfg) -> str:
     its manifest and run.json and a run of the same meaning saved it. ValueError naming the key."""
     from nat_megatron.checkpoint.dist_ckpt import read_meta
     from nat_megatron.checkpoint.integrity import COMPLETE_MARK, MANIFEST, complete_checkpoints, pointer_problem
+    from nat_megatron.checkpoint.lock import DirLock
     from nat_megatron.checkpoint.resume import check_run
 
     resume = cfg.checkpoint.resume
     if resume == "never":
         return "# resume: never (starts at step 0)"
     notes = []
+    holder = DirLock(Path(cfg.checkpoint.dir).expanduser()).holder()
+    if holder != {}:
+        notes.append(f"# note: checkpoint.dir is locked by {holder or 'an unreadable lock file'}: "
+                     "another job may be using it (the job would stop unless that holder is gone)")
     if resume == "auto":
         root = Path(cfg.checkpoint.dir).expanduser()
         found = complete_checkpoints(root)
         if not found:
-            return f"# resume: no complete checkpoint in {root}: starts at step 0"
+            return "\n".join([f"# resume: no complete checkpoint in {root}: starts at step 0", *notes])
         path = found[0]
         problem = pointer_problem(root)
-        notes = [f"# note: {problem}; the job resumes from the newest complete checkpoint"] if problem else []
+        if problem:
+            notes.append(f"# note: {problem}; the job resumes from the newest complete checkpoint")
     else:
         path = Path(resume).expanduser()
         if not path.is_dir():

@@ -168,5 +168,7 @@ def test_dry_run_checks_data_path_and_checkpoint_resume(tmp_path, capsys):
     code, out = run(f"checkpoint.resume={ck}", "nat.budget=0.25")
     assert code == 0 and f"# resume: from {ck}" in out
     (tmp_path / "ck" / "latest").write_text("")
+    (tmp_path / "ck" / ".lock").write_text(json.dumps({"host": "node7", "pid": 4242, "slurm_job": "99"}))
     code, out = run(f"checkpoint.dir={tmp_path / 'ck'}", "nat.budget=0.25")
     assert code == 0 and f"# resume: from {ck}" in out and "latest is empty" in out
+    assert "# note: checkpoint.dir is locked by {'host': 'node7', 'pid': 4242, 'slurm_job': '99'}" in out

@@ -9,6 +9,7 @@ job is a new incarnation of the holder). Anything else is an error naming the ho
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -71,8 +72,13 @@ class DirLock:
                 json.dump(self.owner, f)
                 f.flush()
                 os.fsync(f.fileno())
+            atexit.register(self.release)  # also when the job ends in an exception
             return self
         raise ValueError(self._busy(self._holder()))
+
+    def holder(self) -> dict | None:
+        """Who holds the lock: the lock file's content, {} when there is none, None if unreadable."""
+        return self._holder()
 
     def _holder(self) -> dict | None:
         try:

@@ -136,3 +136,11 @@ def test_a_second_job_on_a_locked_dir_stops_on_every_rank(tmp_path):
     (tmp_path / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": None}))
     errors = launch("tests.checkpoint.workers:take_lock", 2, timeout=120, directory=str(tmp_path))
     assert errors[0] == errors[1] and errors[0].startswith(f"checkpoint.dir: {tmp_path} is in use by pid {os.getpid()}")
+
+
+def test_lock_is_released_when_the_job_ends_in_an_error(tmp_path):
+    code = ("from nat_megatron.checkpoint.lock import DirLock; import sys; "
+            f"DirLock({str(tmp_path)!r}).acquire(); raise SystemExit('resume failed')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "resume failed" in p.stderr
+    assert not (tmp_path / LOCK).exists()
