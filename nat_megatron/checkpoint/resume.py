@@ -27,11 +27,13 @@ from nat_megatron.checkpoint.dist_ckpt import CheckpointError, load_checkpoint, 
 from nat_megatron.checkpoint.integrity import COMPLETE_MARK, complete_checkpoints, pointer_problem
 
 # Config keys whose change alters what the run computes. The others (train.steps, checkpoint.*,
-# telemetry.*, parallel.* since checkpoints are layout-independent, reward.timeout, rollout
-# engine memory) may change between submissions of one run.
+# telemetry.*, eval.*, parallel.* since checkpoints are layout-independent, reward.timeout,
+# rollout engine layout and memory) may change between submissions of one run.
 MEANING_KEYS = ("model", "data", "nat", "loss", "advantage", "optim", "reward.name", "reward.bingo",
-                "rollout.group_size", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens",
-                "train.prompts_per_step", "train.seed")
+                "reward.overlong_buffer", "reward.overlong_penalty", "rollout.group_size",
+                "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens", "rollout.filter_groups",
+                "rollout.max_resample", "train.prompts_per_step", "train.seed", "train.mini_batches",
+                "train.epochs")
 # Switches that only say what a resume may accept.
 _NEVER_COMPARED = ("data.allow_changed",)
 
