@@ -76,15 +76,26 @@ def test_dry_run_accepts_what_runs(capsys):
     assert "up to 4 micro-batches of 1 per DP rank" in capsys.readouterr().out
 
 
+@pytest.fixture
+def in_job_dir(tmp_path, monkeypatch):
+    """Run where the GPU presets' data.path (data/gsm8k_train.jsonl) exists, as on a cluster:
+    the dry run checks that its first rows parse."""
+    import json
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "gsm8k_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["qwen3-8b", "llama3.1-8b", "qwen2.5-32b", "llama3.1-70b"])
-def test_gpu_presets_print_the_engine_layout_and_fit(name, capsys):
+def test_gpu_presets_print_the_engine_layout_and_fit(name, capsys, in_job_dir):
     assert main(["--config", str(ROOT / "examples" / "configs" / f"{name}.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "# rollout: " in out and " vLLM engine" in out and "rollout memory per GPU while generating" in out
     assert "# fits: True" in out, out[-2000:]
 
 
-def test_rollout_tp_must_fit_the_model_and_the_world(capsys):
+def test_rollout_tp_must_fit_the_model_and_the_world(capsys, in_job_dir):
     assert main(["--config", str(CPU), "--dry-run", "rollout.tp=2"]) == 2  # SmolLM2: 9 heads
     assert "rollout.tp: 2 must divide num_attention_heads=9" in capsys.readouterr().err
     assert main(["--config", str(CPU), "--dry-run", "rollout.tp=4"]) == 2  # world 2
