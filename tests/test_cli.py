@@ -65,17 +65,6 @@ def test_invalid_in_process(overrides, key, capsys):
     assert err.startswith("invalid config: ") and key in err
 
 
-def test_dry_run_accepts_what_runs(capsys):
-    """Only what cannot run is rejected: lengths are padded to the layout's multiple, and one
-    sequence per step under vpp runs (the interleaved schedule's groups of pp are padded)."""
-    cfg = ROOT / "examples" / "configs" / "qwen3-8b.yaml"
-    assert main(["--config", str(cfg), "--dry-run", "parallel.cp=2", "rollout.max_new_tokens=3071"]) == 0
-    assert "lengths pad to a multiple of" in capsys.readouterr().out
-    assert main(["--config", str(CPU), "--dry-run", "parallel.vpp=3", "train.prompts_per_step=1",
-                 "rollout.group_size=3"]) == 0
-    assert "up to 4 micro-batches of 1 per DP rank" in capsys.readouterr().out
-
-
 @pytest.fixture
 def in_job_dir(tmp_path, monkeypatch):
     """Run where the GPU presets' data.path (data/gsm8k_train.jsonl) exists, as on a cluster:
@@ -85,6 +74,17 @@ def in_job_dir(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "gsm8k_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
     monkeypatch.chdir(tmp_path)
+
+
+def test_dry_run_accepts_what_runs(capsys, in_job_dir):
+    """Only what cannot run is rejected: lengths are padded to the layout's multiple, and one
+    sequence per step under vpp runs (the interleaved schedule's groups of pp are padded)."""
+    cfg = ROOT / "examples" / "configs" / "qwen3-8b.yaml"
+    assert main(["--config", str(cfg), "--dry-run", "parallel.cp=2", "rollout.max_new_tokens=3071"]) == 0
+    assert "lengths pad to a multiple of" in capsys.readouterr().out
+    assert main(["--config", str(CPU), "--dry-run", "parallel.vpp=3", "train.prompts_per_step=1",
+                 "rollout.group_size=3"]) == 0
+    assert "up to 4 micro-batches of 1 per DP rank" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["qwen3-8b", "llama3.1-8b", "qwen2.5-32b", "llama3.1-70b"])
