@@ -81,17 +81,10 @@ def test_dp2_one_tp2_engine(tiny_smollm2, tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_tp2pp2_two_tp2_engines(tiny_smollm2_wide, tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel,engine_tp", [({"tp": 2, "pp": 2}, 2), ({"tp": 1, "pp": 2}, 1)],
+                         ids=["tp2pp2_two_tp2_engines", "pp2dp2_four_engines"])
+def test_four_ranks(parallel, engine_tp, tiny_smollm2_wide, tmp_path, monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    res = run(4, tiny_smollm2_wide, tmp_path, {"tp": 2, "pp": 2}, {"tp": 2, "sync_bucket_mb": 4})
-    check_synced(res, engines=2)
-    check_sync_memory(res, engine_tp=2)
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-def test_pp2dp2_four_engines(tiny_smollm2_wide, tmp_path, monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    res = run(4, tiny_smollm2_wide, tmp_path, {"tp": 1, "pp": 2}, {"tp": 1, "sync_bucket_mb": 4})
-    check_synced(res, engines=4)
-    check_sync_memory(res, engine_tp=1)
+    res = run(4, tiny_smollm2_wide, tmp_path, parallel, {"tp": engine_tp, "sync_bucket_mb": 4})
+    check_synced(res, engines=4 // engine_tp)
+    check_sync_memory(res, engine_tp=engine_tp)
