@@ -13,11 +13,15 @@ $(BIN)/.installed: requirements.txt requirements-model.txt requirements-cpu.txt 
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-.PHONY: venv venv-gpu test run
+.PHONY: venv venv-gpu test lint run
 venv: $(BIN)/.installed
 
 venv-gpu: venv
 	$(BIN)/pip install -r requirements-gpu.txt
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -46,15 +46,23 @@ class Arm:
 # -----------------------------------------------------------------------------
 # running the arms
 
+
 def arm_overrides(arm: Arm, out: Path, steps: int, seed: int, extra: list[str] = ()) -> list[str]:
     """The arm's full override list: keep one checkpoint (a SmolLM2 checkpoint with optimizer
     state is ~2.4 GB), shared extras, the arm's own, then the fixed run settings (later
     overrides win, so an arm always writes into its own folder)."""
     d = out / arm.name
-    return ["checkpoint.keep_last=1", "checkpoint.export_hf=false", *extra, *arm.overrides,
-            f"train.steps={steps}", f"train.seed={seed}",
-            f"checkpoint.dir={d / 'checkpoints'}", "checkpoint.resume=never",
-            f"telemetry.tensorboard_dir={d / 'tb'}"]
+    return [
+        "checkpoint.keep_last=1",
+        "checkpoint.export_hf=false",
+        *extra,
+        *arm.overrides,
+        f"train.steps={steps}",
+        f"train.seed={seed}",
+        f"checkpoint.dir={d / 'checkpoints'}",
+        "checkpoint.resume=never",
+        f"telemetry.tensorboard_dir={d / 'tb'}",
+    ]
 
 
 def run_arm(arm: Arm, config: Path, out: Path, steps: int, seed: int, extra: list[str] = ()) -> dict:
@@ -63,8 +71,14 @@ def run_arm(arm: Arm, config: Path, out: Path, steps: int, seed: int, extra: lis
     if d.exists():
         shutil.rmtree(d)  # stale event files or checkpoints would mix with the new run
     d.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "nat_megatron.train", "--config", str(config),
-           *arm_overrides(arm, out, steps, seed, extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nat_megatron.train",
+        "--config",
+        str(config),
+        *arm_overrides(arm, out, steps, seed, extra),
+    ]
     print(f"[compare] arm {arm.name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     with open(d / "train.log", "w") as log:
@@ -75,8 +89,16 @@ def run_arm(arm: Arm, config: Path, out: Path, steps: int, seed: int, extra: lis
             if line.startswith("step ") or "error" in line.lower():
                 print(f"[{arm.name}] {line}", end="", flush=True)
         code = proc.wait()
-    meta = {"name": arm.name, "overrides": arm.overrides, "extra": list(extra), "command": cmd,
-            "returncode": code, "wall_s": time.time() - t0, "steps": steps, "seed": seed}
+    meta = {
+        "name": arm.name,
+        "overrides": arm.overrides,
+        "extra": list(extra),
+        "command": cmd,
+        "returncode": code,
+        "wall_s": time.time() - t0,
+        "steps": steps,
+        "seed": seed,
+    }
     (d / "arm.json").write_text(json.dumps(meta, indent=2))
     print(f"[compare] arm {arm.name}: exit {code} after {meta['wall_s']:.0f}s", flush=True)
     return meta
@@ -85,9 +107,10 @@ def run_arm(arm: Arm, config: Path, out: Path, steps: int, seed: int, extra: lis
 # -----------------------------------------------------------------------------
 # reading TensorBoard and summarising
 
+
 def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} from a TensorBoard folder; the last value written for a step wins."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, SCALARS
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})  # 0 = keep every event
     acc.Reload()
@@ -174,6 +197,7 @@ def summarise(out: Path, names: list[str], k: int = 3) -> dict:
 def plot(summary: dict, path: Path) -> Path:
     """Reward vs step and reward vs cumulative trained (kept) tokens, one line per arm."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -185,8 +209,7 @@ def plot(summary: dict, path: Path) -> Path:
         ax1.plot(s["step"], s["reward"], marker="o", ms=3, label=arm["name"])
         ax2.plot(s["cum_kept"], s["reward"], marker="o", ms=3, label=arm["name"])
     ax1.set(xlabel="step", ylabel="reward/mean", title="reward vs step")
-    ax2.set(xlabel="cumulative trained tokens (kept by NAT)", ylabel="reward/mean",
-            title="reward vs tokens used")
+    ax2.set(xlabel="cumulative trained tokens (kept by NAT)", ylabel="reward/mean", title="reward vs tokens used")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -201,16 +224,26 @@ def print_table(summary: dict) -> None:
     print(f"{'arm':<12} {'steps':>5} {'first-k R':>9} {'last-k R':>9} {'gen tok':>9} {'kept tok':>9} {'wall s':>7}")
     for a in summary["arms"]:
         f = lambda v, fmt: format(v, fmt) if v is not None else "-"
-        print(f"{a['name']:<12} {a['steps']:>5} {f(a[f'first_{k}_mean_reward'], '9.3f')} "
-              f"{f(a[f'last_{k}_mean_reward'], '9.3f')} {a['total_generated_tokens']:>9.0f} "
-              f"{a['total_kept_tokens']:>9.0f} {f(a['wall_s'], '7.0f')}")
+        print(
+            f"{a['name']:<12} {a['steps']:>5} {f(a[f'first_{k}_mean_reward'], '9.3f')} "
+            f"{f(a[f'last_{k}_mean_reward'], '9.3f')} {a['total_generated_tokens']:>9.0f} "
+            f"{a['total_kept_tokens']:>9.0f} {f(a['wall_s'], '7.0f')}"
+        )
 
 
 # -----------------------------------------------------------------------------
 # command line shared by the example scripts
 
-def main(arms: list[Arm], *, description: str, default_out: str, default_steps: int = 10,
-         base_overrides: list[str] = (), argv: list[str] | None = None) -> int:
+
+def main(
+    arms: list[Arm],
+    *,
+    description: str,
+    default_out: str,
+    default_steps: int = 10,
+    base_overrides: list[str] = (),
+    argv: list[str] | None = None,
+) -> int:
     """Parse --steps/--out/--config/--seed/--last-k/--plot-only and extra overrides, run the
     arms (unless --plot-only), then write summary.json and compare.png. Returns an exit code:
     0, or 1 when an arm failed (the others still run)."""

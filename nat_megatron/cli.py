@@ -22,26 +22,41 @@ from pathlib import Path
 EXIT_INVALID = 2
 
 # validate_layout's messages name the quantity they reject; map it to the config key.
-_LAYOUT_KEYS = (("layout tp*pp", "parallel.dp"), ("vpp=1 ", "parallel.pp"), ("vpp=", "parallel.vpp"),
-                ("sequence length", "rollout.max_new_tokens"), ("global batch", "train.prompts_per_step"),
-                ("micro_batch_size", "parallel.micro_batch_size"), ("tp=", "parallel.tp"),
-                ("pp=", "parallel.pp"))
+_LAYOUT_KEYS = (
+    ("layout tp*pp", "parallel.dp"),
+    ("vpp=1 ", "parallel.pp"),
+    ("vpp=", "parallel.vpp"),
+    ("sequence length", "rollout.max_new_tokens"),
+    ("global batch", "train.prompts_per_step"),
+    ("micro_batch_size", "parallel.micro_batch_size"),
+    ("tp=", "parallel.tp"),
+    ("pp=", "parallel.pp"),
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """--config FILE, --dry-run, and key.sub=value overrides."""
-    p = argparse.ArgumentParser(prog="python -m nat_megatron.train",
-                                description="GRPO/NAT RL training with Megatron-Core")
+    p = argparse.ArgumentParser(
+        prog="python -m nat_megatron.train", description="GRPO/NAT RL training with Megatron-Core"
+    )
     p.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate config and layout on CPU, print them, and exit")
-    p.add_argument("--export-hf", metavar="DIR",
-                   help="write the final weights as a Hugging Face model to DIR "
-                        "(same as checkpoint.export_hf=DIR)")
-    p.add_argument("--verbose", action="store_true",
-                   help="show the rollout engine's (vLLM's) log on the console, not only in <run>/logs/")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="override a config value, e.g. nat.budget=0.25 parallel.tp=2")
+    p.add_argument("--dry-run", action="store_true", help="validate config and layout on CPU, print them, and exit")
+    p.add_argument(
+        "--export-hf",
+        metavar="DIR",
+        help="write the final weights as a Hugging Face model to DIR (same as checkpoint.export_hf=DIR)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the rollout engine's (vLLM's) log on the console, not only in <run>/logs/",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="override a config value, e.g. nat.budget=0.25 parallel.tp=2",
+    )
     args = p.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -70,17 +85,24 @@ def check(cfg) -> dict:
     layout = cfg.parallel.layout()
     p, seq_len = cfg.parallel, cfg.seq_len
     if seq_len is not None and seq_len > arch.max_position_embeddings:
-        raise ValueError(f"rollout.max_new_tokens: prompt limit + generation limit = {seq_len} exceeds "
-                         f"the model's max_position_embeddings={arch.max_position_embeddings}; lower "
-                         "rollout.max_new_tokens or data.max_prompt_tokens")
+        raise ValueError(
+            f"rollout.max_new_tokens: prompt limit + generation limit = {seq_len} exceeds "
+            f"the model's max_position_embeddings={arch.max_position_embeddings}; lower "
+            "rollout.max_new_tokens or data.max_prompt_tokens"
+        )
     t = cfg.rollout.tp
     if arch.num_heads % t or (arch.num_kv_heads % t and t % arch.num_kv_heads):
-        raise ValueError(f"rollout.tp: {t} must divide num_attention_heads={arch.num_heads}, and divide "
-                         f"or be a multiple of num_key_value_heads={arch.num_kv_heads} (vLLM's rule)")
+        raise ValueError(
+            f"rollout.tp: {t} must divide num_attention_heads={arch.num_heads}, and divide "
+            f"or be a multiple of num_key_value_heads={arch.num_kv_heads} (vLLM's rule)"
+        )
     # No seq_len rule: the trainer pads every length to the layout's multiple itself.
-    kwargs = dict(world_size=p.world_size, global_batch=cfg.global_batch,
-                  micro_batch_size=p.micro_batch_size,
-                  gpus_per_node=p.gpus_per_node if cfg.train.device == "cuda" else None)
+    kwargs = dict(
+        world_size=p.world_size,
+        global_batch=cfg.global_batch,
+        micro_batch_size=p.micro_batch_size,
+        gpus_per_node=p.gpus_per_node if cfg.train.device == "cuda" else None,
+    )
     estimate, rollout = None, None
     try:
         validate_layout(arch, layout, **kwargs)
@@ -102,9 +124,15 @@ def _rollout_plan(cfg, arch) -> dict:
 
     r = cfg.rollout
     try:
-        return rollout_plan(arch, mem_gb=H100.mem_gb, seq_len=cfg.seq_len or r.max_new_tokens, tp=r.tp,
-                            utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
-                            gpus_per_node=cfg.parallel.gpus_per_node)
+        return rollout_plan(
+            arch,
+            mem_gb=H100.mem_gb,
+            seq_len=cfg.seq_len or r.max_new_tokens,
+            tp=r.tp,
+            utilization=r.gpu_memory_utilization,
+            kv_cache_gb=r.kv_cache_gb,
+            gpus_per_node=cfg.parallel.gpus_per_node,
+        )
     except ValueError as e:
         raise ValueError(f"rollout.gpu_memory_utilization: {e}") from None
 
@@ -117,13 +145,22 @@ def _estimate(cfg, arch, layout, rollout):
     except ImportError:
         return None
     seq_len = cfg.seq_len or cfg.rollout.max_new_tokens
-    return check_layout(arch, layout, seq_len=seq_len, response_len=cfg.rollout.max_new_tokens,
-                        global_batch=cfg.global_batch, micro_batch_size=cfg.parallel.micro_batch_size,
-                        recompute=cfg.parallel.recompute,
-                        nat=cfg.nat.scheme, budget=cfg.nat.budget, world_size=cfg.parallel.world_size,
-                        gpus_per_node=cfg.parallel.gpus_per_node,
-                        device="h100" if cfg.train.device == "cuda" else "cpu",
-                        distributed_optimizer=cfg.optim.distributed_optimizer, rollout=rollout)
+    return check_layout(
+        arch,
+        layout,
+        seq_len=seq_len,
+        response_len=cfg.rollout.max_new_tokens,
+        global_batch=cfg.global_batch,
+        micro_batch_size=cfg.parallel.micro_batch_size,
+        recompute=cfg.parallel.recompute,
+        nat=cfg.nat.scheme,
+        budget=cfg.nat.budget,
+        world_size=cfg.parallel.world_size,
+        gpus_per_node=cfg.parallel.gpus_per_node,
+        device="h100" if cfg.train.device == "cuda" else "cpu",
+        distributed_optimizer=cfg.optim.distributed_optimizer,
+        rollout=rollout,
+    )
 
 
 PEEK_ROWS = 20  # usable rows the dry run reads from data.path
@@ -139,8 +176,10 @@ def check_data(cfg) -> str:
         return "# data: the embedded arithmetic problems"
     path = Path(cfg.data.path).expanduser()
     if not path.is_file():
-        raise ValueError(f"data.path: {path} does not exist (seen from {os.getcwd()}); fix the path, or run the "
-                         "dry run where the job's files are")
+        raise ValueError(
+            f"data.path: {path} does not exist (seen from {os.getcwd()}); fix the path, or run the "
+            "dry run where the job's files are"
+        )
     if not os.access(path, os.R_OK):
         raise ValueError(f"data.path: {path} is not readable by this user; fix its permissions")
     try:
@@ -168,8 +207,10 @@ def check_resume(cfg) -> str:
     notes = []
     holder = DirLock(Path(cfg.checkpoint.dir).expanduser()).holder()
     if holder != {}:
-        notes.append(f"# note: checkpoint.dir is locked by {holder or 'an unreadable lock file'}: "
-                     "another job may be using it (the job would stop unless that holder is gone)")
+        notes.append(
+            f"# note: checkpoint.dir is locked by {holder or 'an unreadable lock file'}: "
+            "another job may be using it (the job would stop unless that holder is gone)"
+        )
     if resume == "auto":
         root = Path(cfg.checkpoint.dir).expanduser()
         found = complete_checkpoints(root)
@@ -182,13 +223,19 @@ def check_resume(cfg) -> str:
     else:
         path = Path(resume).expanduser()
         if not path.is_dir():
-            raise ValueError(f"checkpoint.resume: {path} does not exist; give a step_NNNNNN directory, 'auto' or 'never'")
+            raise ValueError(
+                f"checkpoint.resume: {path} does not exist; give a step_NNNNNN directory, 'auto' or 'never'"
+            )
         if not (path / COMPLETE_MARK).is_file():
-            raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE_MARK}); "
-                             "give a step_NNNNNN directory that a finished save wrote, or 'auto'")
+            raise ValueError(
+                f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE_MARK}); "
+                "give a step_NNNNNN directory that a finished save wrote, or 'auto'"
+            )
     if not (path / MANIFEST).is_file():
-        raise ValueError(f"checkpoint.resume: {path} has no {MANIFEST}, so it cannot be verified and will not be "
-                         "loaded; give a checkpoint this trainer saved")
+        raise ValueError(
+            f"checkpoint.resume: {path} has no {MANIFEST}, so it cannot be verified and will not be "
+            "loaded; give a checkpoint this trainer saved"
+        )
     try:
         check_run(path, read_meta(path), config=cfg.to_dict(), fingerprint=None)
     except ValueError as e:
@@ -206,36 +253,45 @@ def dry_run(cfg) -> str:
     inputs = [check_data(cfg), check_resume(cfg)]
     arch, lay, est, roll = info["arch"], info["layout"], info["estimate"], info["rollout"]
     m = micro_batches_per_rank(lay, cfg.global_batch, cfg.parallel.micro_batch_size)
-    lines = ["# resolved config", cfg.to_yaml().rstrip(), "",
-             f"# model: {arch.family}, {arch.num_params() / 1e9:.3f} B parameters, "
-             f"{arch.num_layers} layers, {arch.num_heads} heads / {arch.num_kv_heads} KV heads",
-             f"# layout: tp={lay.tp} pp={lay.pp} vpp={lay.vpp} cp={lay.cp} dp={lay.dp} "
-             f"sequence_parallel={lay.sequence_parallel} (world size {lay.world_size})",
-             f"# step: {cfg.global_batch} sequences = {cfg.train.prompts_per_step} prompts x "
-             f"{cfg.rollout.group_size}; up to {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; "
-             f"max sequence {cfg.seq_len} tokens (lengths pad to a multiple of {lay.seq_multiple})"]
+    lines = [
+        "# resolved config",
+        cfg.to_yaml().rstrip(),
+        "",
+        f"# model: {arch.family}, {arch.num_params() / 1e9:.3f} B parameters, "
+        f"{arch.num_layers} layers, {arch.num_heads} heads / {arch.num_kv_heads} KV heads",
+        f"# layout: tp={lay.tp} pp={lay.pp} vpp={lay.vpp} cp={lay.cp} dp={lay.dp} "
+        f"sequence_parallel={lay.sequence_parallel} (world size {lay.world_size})",
+        f"# step: {cfg.global_batch} sequences = {cfg.train.prompts_per_step} prompts x "
+        f"{cfg.rollout.group_size}; up to {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; "
+        f"max sequence {cfg.seq_len} tokens (lengths pad to a multiple of {lay.seq_multiple})",
+    ]
     t = cfg.rollout.tp
     engines = cfg.parallel.world_size // t
-    lines.append(f"# rollout: {engines} vLLM engine{'s' * (engines > 1)} x {t} rank{'s' * (t > 1)} "
-                 f"(tensor parallel), engine e on ranks e*{t}..e*{t}+{t - 1}; "
-                 f"{cfg.train.prompts_per_step / engines:g} prompts x {cfg.rollout.group_size} "
-                 "samples per engine per step")
+    lines.append(
+        f"# rollout: {engines} vLLM engine{'s' * (engines > 1)} x {t} rank{'s' * (t > 1)} "
+        f"(tensor parallel), engine e on ranks e*{t}..e*{t}+{t - 1}; "
+        f"{cfg.train.prompts_per_step / engines:g} prompts x {cfg.rollout.group_size} "
+        "samples per engine per step"
+    )
     if roll is not None:
-        lines.append(f"# rollout memory per GPU while generating: weights {roll['weights_gb']} GB, "
-                     f"KV cache {roll['kv_cache_gb']} GB (~{roll['kv_cache_sequences']:.0f} sequences of "
-                     f"{cfg.seq_len} tokens), {roll['bytes'] / 2**30:.1f} GB in all "
-                     f"(gpu_memory_utilization {roll['gpu_memory_utilization']}); asleep during training: "
-                     f"{roll['asleep_bytes'] / 2**30:.1f} GB")
+        lines.append(
+            f"# rollout memory per GPU while generating: weights {roll['weights_gb']} GB, "
+            f"KV cache {roll['kv_cache_gb']} GB (~{roll['kv_cache_sequences']:.0f} sequences of "
+            f"{cfg.seq_len} tokens), {roll['bytes'] / 2**30:.1f} GB in all "
+            f"(gpu_memory_utilization {roll['gpu_memory_utilization']}); asleep during training: "
+            f"{roll['asleep_bytes'] / 2**30:.1f} GB"
+        )
     if est is not None:
         gb = est.memory.gb(2)
         where = "GPU" if cfg.train.device == "cuda" else "process"
         lines.append(f"# estimated training memory per {where} (engine asleep): {gb.pop('total')} GB {gb}")
         if roll is not None:
-            lines.append(f"# estimated memory per GPU while generating (engine + trainer's weights, grads, "
-                         f"optimizer): {est.rollout_peak / 2**30:.2f} GB")
+            lines.append(
+                f"# estimated memory per GPU while generating (engine + trainer's weights, grads, "
+                f"optimizer): {est.rollout_peak / 2**30:.2f} GB"
+            )
         lines.append(f"# fits: {est.fits}" + (f" ({est.why_not})" if est.why_not else ""))
-        lines.append(f"# estimated step time {est.time.step_s:.2f} s, "
-                     f"{est.time.tokens_per_s_per_gpu:.0f} tokens/s/GPU")
+        lines.append(f"# estimated step time {est.time.step_s:.2f} s, {est.time.tokens_per_s_per_gpu:.0f} tokens/s/GPU")
     return "\n".join(lines + inputs)
 
 
@@ -248,15 +304,19 @@ def launch(cfg, argv: list[str]) -> int | None:
     if in_distributed_job():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != n:
-            raise ValueError(f"parallel.world_size: the config expects {n} processes but this job "
-                             f"has WORLD_SIZE={world}; set parallel.world_size={world} or start {n}")
+            raise ValueError(
+                f"parallel.world_size: the config expects {n} processes but this job "
+                f"has WORLD_SIZE={world}; set parallel.world_size={world} or start {n}"
+            )
         return None
     if n == 1:
         single_process_env()
         return None
     if cfg.train.device == "cuda" and n > cfg.parallel.gpus_per_node:
-        raise ValueError(f"parallel.world_size: {n} processes span several nodes; start them with "
-                         "torchrun or srun on every node (see the config file's header)")
+        raise ValueError(
+            f"parallel.world_size: {n} processes span several nodes; start them with "
+            "torchrun or srun on every node (see the config file's header)"
+        )
     return relaunch(n, ["-m", "nat_megatron.train", *argv])
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import yaml
 
 from nat_megatron.data.dataset import DatasetConfig
-from nat_megatron.rewards.bingo import BingoConfig
 from nat_megatron.nat.loss import LossConfig
 from nat_megatron.nat.selection import SCHEMES
 from nat_megatron.parallel.layout import FP8_ALIGN, Layout
+from nat_megatron.rewards.bingo import BingoConfig
 from nat_megatron.tune.constants import ROLLOUT_GPU_MEMORY_UTILIZATION
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -37,10 +37,20 @@ ADVANTAGES = ("grpo", "otb")
 ADVANTAGE_SCALES = ("std", "none")  # none = Dr. GRPO (no division by the group std)
 SMOLLM2 = "smollm2-135m-instruct"  # preset whose weights come from ensure_smollm2()
 # SmolLM2-135M-Instruct's config.json (the fields ModelArch reads): the dry run needs no conversion.
-SMOLLM2_HF_CONFIG = dict(model_type="llama", hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         head_dim=64, vocab_size=49152, tie_word_embeddings=True,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+SMOLLM2_HF_CONFIG = dict(
+    model_type="llama",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+)
 
 
 def _fail(key: str, msg: str):
@@ -91,11 +101,17 @@ class ModelConfig:
         _one_of("model.dtype", self.dtype, DTYPES)
         if self.fp8 is not None:
             _one_of("model.fp8", self.fp8, (None, *FP8_ALIGN))
-        _check(any((self.preset, self.hf_dir, self.hf_config)), "model",
-               "set model.preset (a known name), model.hf_config or model.hf_dir")
+        _check(
+            any((self.preset, self.hf_dir, self.hf_config)),
+            "model",
+            "set model.preset (a known name), model.hf_config or model.hf_dir",
+        )
         if self.preset is not None and self.preset.lower() not in _known_presets():
-            _fail("model.preset", f"unknown preset {self.preset!r}; use one of "
-                  f"{sorted(_known_presets())}, or set model.hf_config / model.hf_dir instead")
+            _fail(
+                "model.preset",
+                f"unknown preset {self.preset!r}; use one of "
+                f"{sorted(_known_presets())}, or set model.hf_config / model.hf_dir instead",
+            )
         if self.hf_config is not None or self.preset is not None:
             self.arch()  # a bad shape fails here; a missing hf_dir fails in the dry run
 
@@ -118,9 +134,13 @@ class ModelConfig:
             _fail(key, f"lacks the config.json field {e.args[0]!r}")
         except ValueError as e:
             _fail(key, str(e))
-        _check(given is None or _same_arch(given, found), "model.hf_dir", "its config.json describes another model than "
-               f"{'model.hf_config' if self.hf_config else 'model.preset'}: {found} vs {given}; "
-               "drop one of them")
+        _check(
+            given is None or _same_arch(given, found),
+            "model.hf_dir",
+            "its config.json describes another model than "
+            f"{'model.hf_config' if self.hf_config else 'model.preset'}: {found} vs {given}; "
+            "drop one of them",
+        )
         return found
 
     def weights_dir(self) -> Path | None:
@@ -137,8 +157,10 @@ class ModelConfig:
 def _same_arch(a, b) -> bool:
     """Equal shapes, floats (norm eps, RoPE) compared to float32 precision."""
     x, y = a.to_dict(), b.to_dict()
-    return all(math.isclose(x[k], y[k], rel_tol=1e-6) if isinstance(x[k], float) and
-               isinstance(y[k], float) else x[k] == y[k] for k in x)
+    return all(
+        math.isclose(x[k], y[k], rel_tol=1e-6) if isinstance(x[k], float) and isinstance(y[k], float) else x[k] == y[k]
+        for k in x
+    )
 
 
 @dataclass(frozen=True)
@@ -163,10 +185,14 @@ class ParallelConfig:
         from nat_megatron.tune.constants import RECOMPUTE
 
         _one_of("parallel.recompute", self.recompute, tuple(RECOMPUTE))
-        _at_least(self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node",
-                  "max_tokens_per_micro_batch")
-        _check(self.dp == "auto" or (isinstance(self.dp, int) and self.dp >= 1), "parallel.dp",
-               f"must be an integer >= 1 or 'auto', got {self.dp!r}")
+        _at_least(
+            self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node", "max_tokens_per_micro_batch"
+        )
+        _check(
+            self.dp == "auto" or (isinstance(self.dp, int) and self.dp >= 1),
+            "parallel.dp",
+            f"must be an integer >= 1 or 'auto', got {self.dp!r}",
+        )
         self.layout()
 
     def layout(self) -> Layout:
@@ -174,13 +200,17 @@ class ParallelConfig:
         split = self.tp * self.pp * self.cp
         dp = self.dp
         if dp == "auto":
-            _check(self.world_size % split == 0, "parallel.dp",
-                   f"'auto' needs tp*pp*cp = {split} to divide parallel.world_size="
-                   f"{self.world_size}; change world_size or tp/pp/cp")
+            _check(
+                self.world_size % split == 0,
+                "parallel.dp",
+                f"'auto' needs tp*pp*cp = {split} to divide parallel.world_size="
+                f"{self.world_size}; change world_size or tp/pp/cp",
+            )
             dp = self.world_size // split
         try:
-            return Layout(tp=self.tp, pp=self.pp, cp=self.cp, dp=dp, vpp=self.vpp,
-                          sequence_parallel=self.sequence_parallel)
+            return Layout(
+                tp=self.tp, pp=self.pp, cp=self.cp, dp=dp, vpp=self.vpp, sequence_parallel=self.sequence_parallel
+            )
         except ValueError as e:
             key = next((k for k in ("vpp", "sequence_parallel") if k in str(e)), "dp")
             _fail(f"parallel.{key}", str(e))
@@ -214,18 +244,27 @@ class RolloutConfig:
     def __post_init__(self):
         _one_of("rollout.engine", self.engine, ROLLOUT_ENGINES)
         _at_least(self, 1, "tp")
-        _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",
-               f"must be in (0, 1), got {self.gpu_memory_utilization}")
+        _check(
+            0 < self.gpu_memory_utilization < 1,
+            "rollout.gpu_memory_utilization",
+            f"must be in (0, 1), got {self.gpu_memory_utilization}",
+        )
         _check(self.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
         _at_least(self, 0, "max_resample")
-        _check(self.filter_groups or not self.max_resample, "rollout.max_resample",
-               "resampling refills groups dropped by rollout.filter_groups: set filter_groups=true or 0")
+        _check(
+            self.filter_groups or not self.max_resample,
+            "rollout.max_resample",
+            "resampling refills groups dropped by rollout.filter_groups: set filter_groups=true or 0",
+        )
         _one_of("rollout.dtype", self.dtype, ("bf16", "fp32"))  # what rollout/engine.py takes
         _check(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
         _at_least(self, 1, "max_new_tokens", "group_size")
-        _check(self.kv_cache_gb is None or self.kv_cache_gb > 0, "rollout.kv_cache_gb",
-               f"must be > 0 or null, got {self.kv_cache_gb}")
+        _check(
+            self.kv_cache_gb is None or self.kv_cache_gb > 0,
+            "rollout.kv_cache_gb",
+            f"must be > 0 or null, got {self.kv_cache_gb}",
+        )
 
 
 @dataclass(frozen=True)
@@ -242,8 +281,11 @@ class RewardConfig:
     def __post_init__(self):
         from nat_megatron.rewards import available_rewards
 
-        _check(self.name in available_rewards(), "reward.name",
-               f"unknown reward {self.name!r}; use one of {available_rewards()}")
+        _check(
+            self.name in available_rewards(),
+            "reward.name",
+            f"unknown reward {self.name!r}; use one of {available_rewards()}",
+        )
         _check(self.timeout > 0, "reward.timeout", f"must be > 0 seconds, got {self.timeout}")
         _at_least(self, 0, "overlong_buffer", "overlong_penalty")
 
@@ -273,18 +315,29 @@ class NatConfig:
     def __post_init__(self):
         _one_of("nat.scheme", self.scheme, SCHEMES)
         _check(0 < self.budget <= 1, "nat.budget", f"must be in (0, 1], got {self.budget}")
-        _check(self.scheme != "none" or self.budget == 1, "nat.budget",
-               f"scheme 'none' keeps every token, so the budget is 1; got {self.budget}")
+        _check(
+            self.scheme != "none" or self.budget == 1,
+            "nat.budget",
+            f"scheme 'none' keeps every token, so the budget is 1; got {self.budget}",
+        )
         if self.rpc_floor is not None:
-            _check("rpc" in self.scheme, "nat.rpc_floor", f"applies to rpc and rpc+urs only; "
-                   f"set it to null for scheme {self.scheme!r}")
-            _check(0 < self.rpc_floor <= self.budget, "nat.rpc_floor",
-                   f"must be in (0, budget={self.budget}], got {self.rpc_floor}")
+            _check(
+                "rpc" in self.scheme,
+                "nat.rpc_floor",
+                f"applies to rpc and rpc+urs only; set it to null for scheme {self.scheme!r}",
+            )
+            _check(
+                0 < self.rpc_floor <= self.budget,
+                "nat.rpc_floor",
+                f"must be in (0, budget={self.budget}], got {self.rpc_floor}",
+            )
         if self.urs_budget is not None:
-            _check(self.scheme == "rpc+urs", "nat.urs_budget",
-                   "applies to scheme rpc+urs only; set it to null")
-            _check(self.budget <= self.urs_budget <= 1, "nat.urs_budget",
-                   f"must be in [budget={self.budget}, 1], got {self.urs_budget}")
+            _check(self.scheme == "rpc+urs", "nat.urs_budget", "applies to scheme rpc+urs only; set it to null")
+            _check(
+                self.budget <= self.urs_budget <= 1,
+                "nat.urs_budget",
+                f"must be in [budget={self.budget}, 1], got {self.urs_budget}",
+            )
 
     def options(self) -> dict:
         """Keyword options for selection.sample."""
@@ -308,8 +361,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, "optim.min_lr",
-               f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         _at_least(self, 0, "warmup_steps", "weight_decay", "clip_grad")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
@@ -414,42 +466,65 @@ class Config:
 
     def __post_init__(self):
         if self.train.device == "cpu":
-            _check(self.model.fp8 is None, "model.fp8",
-                   "FP8 needs Transformer Engine's CUDA kernels and train.device=cpu has none; "
-                   "set model.fp8=null (or train.device=cuda on a GPU machine)")
-            _check(self.model.dtype == "fp32", "model.dtype",
-                   "train.device=cpu trains in fp32; set model.dtype=fp32")
-        _check(self.model.fp8 is None or self.model.dtype == "bf16", "model.fp8",
-               f"FP8 runs the GEMMs of a bf16 model; set model.dtype=bf16 (got "
-               f"{self.model.dtype}) or model.fp8=null")
+            _check(
+                self.model.fp8 is None,
+                "model.fp8",
+                "FP8 needs Transformer Engine's CUDA kernels and train.device=cpu has none; "
+                "set model.fp8=null (or train.device=cuda on a GPU machine)",
+            )
+            _check(self.model.dtype == "fp32", "model.dtype", "train.device=cpu trains in fp32; set model.dtype=fp32")
+        _check(
+            self.model.fp8 is None or self.model.dtype == "bf16",
+            "model.fp8",
+            f"FP8 runs the GEMMs of a bf16 model; set model.dtype=bf16 (got {self.model.dtype}) or model.fp8=null",
+        )
         world, dp = self.parallel.world_size, self.parallel.layout().dp
-        _check(world % self.rollout.tp == 0, "rollout.tp",
-               f"must divide parallel.world_size={world} (every rank belongs to one engine), "
-               f"got {self.rollout.tp}")
+        _check(
+            world % self.rollout.tp == 0,
+            "rollout.tp",
+            f"must divide parallel.world_size={world} (every rank belongs to one engine), got {self.rollout.tp}",
+        )
         if self.train.device == "cuda":
-            _check(self.parallel.gpus_per_node % self.rollout.tp == 0, "rollout.tp",
-                   f"an engine's ranks share a node: use a divisor of parallel.gpus_per_node="
-                   f"{self.parallel.gpus_per_node}, got {self.rollout.tp}")
-        _check(self.train.prompts_per_step >= dp, "train.prompts_per_step",
-               f"each of the {dp} data-parallel replicas trains whole prompt groups: use at least "
-               f"{dp} prompts per step, got {self.train.prompts_per_step}")
-        _check(self.rollout.group_size >= 2, "rollout.group_size",
-               "GRPO and OTB baseline each response against its group: with 1 sample per prompt every "
-               f"advantage is 0 and nothing trains; use >= 2, got {self.rollout.group_size}")
+            _check(
+                self.parallel.gpus_per_node % self.rollout.tp == 0,
+                "rollout.tp",
+                f"an engine's ranks share a node: use a divisor of parallel.gpus_per_node="
+                f"{self.parallel.gpus_per_node}, got {self.rollout.tp}",
+            )
+        _check(
+            self.train.prompts_per_step >= dp,
+            "train.prompts_per_step",
+            f"each of the {dp} data-parallel replicas trains whole prompt groups: use at least "
+            f"{dp} prompts per step, got {self.train.prompts_per_step}",
+        )
+        _check(
+            self.rollout.group_size >= 2,
+            "rollout.group_size",
+            "GRPO and OTB baseline each response against its group: with 1 sample per prompt every "
+            f"advantage is 0 and nothing trains; use >= 2, got {self.rollout.group_size}",
+        )
         budget, longest = self.parallel.max_tokens_per_micro_batch, self.seq_len
         if budget is not None and longest is not None:
             m = self.parallel.layout().seq_multiple
             longest = -(-longest // m) * m
-            _check(budget >= longest, "parallel.max_tokens_per_micro_batch",
-                   f"must hold the longest sequence, data.max_prompt_tokens + rollout.max_new_tokens padded "
-                   f"to a multiple of {m} = {longest} tokens; got {budget}")
-        _check(self.reward.overlong_buffer <= self.rollout.max_new_tokens, "reward.overlong_buffer",
-               f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}, got "
-               f"{self.reward.overlong_buffer}")
-        _check(self.train.mini_batches <= self.rollout.group_size, "train.mini_batches",
-               f"each data-parallel replica holds at least one group of rollout.group_size="
-               f"{self.rollout.group_size} samples; use at most that many mini-batches, got "
-               f"{self.train.mini_batches}")
+            _check(
+                budget >= longest,
+                "parallel.max_tokens_per_micro_batch",
+                f"must hold the longest sequence, data.max_prompt_tokens + rollout.max_new_tokens padded "
+                f"to a multiple of {m} = {longest} tokens; got {budget}",
+            )
+        _check(
+            self.reward.overlong_buffer <= self.rollout.max_new_tokens,
+            "reward.overlong_buffer",
+            f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}, got {self.reward.overlong_buffer}",
+        )
+        _check(
+            self.train.mini_batches <= self.rollout.group_size,
+            "train.mini_batches",
+            f"each data-parallel replica holds at least one group of rollout.group_size="
+            f"{self.rollout.group_size} samples; use at most that many mini-batches, got "
+            f"{self.train.mini_batches}",
+        )
 
     @property
     def global_batch(self) -> int:
@@ -470,13 +545,12 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Config":
+    def from_dict(cls, data: dict) -> Config:
         """Build and validate from a nested dict; errors name the dotted key."""
         return _build(cls, data, "")
 
 
-_SECTIONS = {f.type if isinstance(f.type, str) else f.type.__name__: f.name
-             for f in dataclasses.fields(Config)}
+_SECTIONS = {f.type if isinstance(f.type, str) else f.type.__name__: f.name for f in dataclasses.fields(Config)}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -511,7 +585,7 @@ def apply_override(data: dict, item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ValueError(f"{'.'.join(parts[:i + 1])}: is a value, not a section; cannot set {key}")
+            raise ValueError(f"{'.'.join(parts[: i + 1])}: is a value, not a section; cannot set {key}")
         node = child
     node[parts[-1]] = value
 
@@ -528,10 +602,8 @@ def _build(cls, data, prefix: str):
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}? " if near else ""
-            _fail(f"{prefix + '.' if prefix else ''}{key}",
-                  f"unknown key; {hint}known keys: {sorted(fields)}")
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
-              for name, value in data.items()}
+            _fail(f"{prefix + '.' if prefix else ''}{key}", f"unknown key; {hint}known keys: {sorted(fields)}")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required section missing
@@ -567,13 +639,21 @@ def _coerce(value, hint, key: str):
     hint = dict if origin is dict else hint
     if hint in _SCALARS:
         types_, what = _SCALARS[hint]
-        _check(isinstance(value, types_) and not (hint is not bool and isinstance(value, bool)), key,
-               f"expected {what}, got {value!r}")
+        _check(
+            isinstance(value, types_) and not (hint is not bool and isinstance(value, bool)),
+            key,
+            f"expected {what}, got {value!r}",
+        )
     if hint is float:
         value = float(value)
         _check(math.isfinite(value), key, f"expected a finite number, got {value}")
     return value
 
 
-_SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
-            str: (str, "a string"), dict: (dict, "a mapping")}
+_SCALARS = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    str: (str, "a string"),
+    dict: (dict, "a mapping"),
+}

@@ -136,8 +136,12 @@ def vllm_inside_trainer():
     """
     set_num_threads = torch.set_num_threads
     threads = torch.get_num_threads()
-    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    rng = (
+        torch.get_rng_state(),
+        random.getstate(),
+        np.random.get_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
     try:
         with without_torch_function_modes():
             yield
@@ -202,11 +206,13 @@ def vllm_logs_to_file(path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"version": 1, "disable_existing_loggers": False,
-              "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-              "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path),
-                                    "formatter": "plain"}},
-              "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}}}
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "plain"}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+    }
     config_file = path.with_suffix(".logging.json")
     config_file.write_text(json.dumps(config))
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_file)

@@ -49,10 +49,10 @@ def main(argv=None) -> int:
     if not in_distributed_job():
         return relaunch(2, ["-m", "nat_megatron.smoke", *argv])
 
-    import nat_megatron  # noqa: F401
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    import nat_megatron  # noqa: F401
     from nat_megatron.checkpoint.dist_ckpt import save_checkpoint
     from nat_megatron.checkpoint.hf_io import HFReader
     from nat_megatron.checkpoint.hf_mapping import load_hf_weights
@@ -85,12 +85,18 @@ def main(argv=None) -> int:
 
     for step in range(args.steps):
         t0 = time.time()
-        batch = examples[step * args.batch:(step + 1) * args.batch]
+        batch = examples[step * args.batch : (step + 1) * args.batch]
         samples = []
         for ex in batch:
             answer = tok(f"The answer is \\boxed{{{ex.answer}}}.{tok.eos_token}", add_special_tokens=False).input_ids
-            samples.append(Sample(prompt=torch.tensor(ex.prompt_ids), response=torch.tensor(answer),
-                                  old_logprobs=torch.zeros(len(answer)), advantage=1.0))
+            samples.append(
+                Sample(
+                    prompt=torch.tensor(ex.prompt_ids),
+                    response=torch.tensor(answer),
+                    old_logprobs=torch.zeros(len(answer)),
+                    advantage=1.0,
+                )
+            )
         lengths = torch.tensor([len(s.response) for s in samples])
         ids = list(range(step * args.batch, (step + 1) * args.batch))
         selection = sample("rpc", args.budget, lengths, selection_generators(args.seed, step, ids))
@@ -102,18 +108,31 @@ def main(argv=None) -> int:
         outs = forward_backward(model, mbs, ht_nll, vocab_size=arch.vocab_size)
         opt.step()
         # The exact full-token NLL after the step, for the log (forward only).
-        ref = forward_backward(model, build_micro_batches(samples, full, aggregation="token-mean",
-                                                          num_micro_batches=4),
-                               ht_nll, vocab_size=arch.vocab_size, forward_only=True)
+        ref = forward_backward(
+            model,
+            build_micro_batches(samples, full, aggregation="token-mean", num_micro_batches=4),
+            ht_nll,
+            vocab_size=arch.vocab_size,
+            forward_only=True,
+        )
         for c in model:
             c.train()
-        sums = torch.tensor([sum(float(o["loss_sum"]) for o in outs), sum(float(o["count"]) for o in outs),
-                             sum(float(o["loss_sum"]) for o in ref)], dtype=torch.float64)
+        sums = torch.tensor(
+            [
+                sum(float(o["loss_sum"]) for o in outs),
+                sum(float(o["count"]) for o in outs),
+                sum(float(o["loss_sum"]) for o in ref),
+            ],
+            dtype=torch.float64,
+        )
         dist.all_reduce(sums)  # the last stage holds the values; others add zeros
         if rank0:
-            print(f"step {step + 1}/{args.steps}  kept {selection.kept_fraction:.2f} of answer tokens  "
-                  f"HT NLL estimate {sums[0] / sums[1]:.4f}  full NLL after step {sums[2] / sums[1]:.4f}  "
-                  f"max weight {selection.weight_max:.1f}  {time.time() - t0:.1f}s", flush=True)
+            print(
+                f"step {step + 1}/{args.steps}  kept {selection.kept_fraction:.2f} of answer tokens  "
+                f"HT NLL estimate {sums[0] / sums[1]:.4f}  full NLL after step {sums[2] / sums[1]:.4f}  "
+                f"max weight {selection.weight_max:.1f}  {time.time() - t0:.1f}s",
+                flush=True,
+            )
     path = save_checkpoint(f"{args.out}/step_{args.steps}", model, optimizer=opt, extra={"step": args.steps})
     if rank0:
         print(f"saved distributed checkpoint {path}")

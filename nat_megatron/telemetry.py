@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def _rank() -> int:
@@ -102,8 +102,16 @@ class GpuMonitor:
 class Telemetry:
     """Metrics logger container (module docstring). Use as a context manager or call close()."""
 
-    def __init__(self, cfg=None, *, total_steps: int, start_step: int = 0, rank: int | None = None,
-                 stream=None, progress_keys: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        cfg=None,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        rank: int | None = None,
+        stream=None,
+        progress_keys: tuple[str, ...] | None = None,
+    ):
         """progress_keys: the scalars the progress line shows (None: all); TensorBoard gets all."""
         from nat_megatron.config import TelemetryConfig
 

@@ -19,8 +19,16 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-               "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all_single")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "all_to_all_single",
+)
 
 
 class OnDevice(torch.Tensor):
@@ -38,8 +46,7 @@ class OnDevice(torch.Tensor):
 
 def _to_cpu(args, kwargs) -> bool:
     targets = [*args[1:], kwargs.get("device")]
-    return any(isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu"
-               for a in targets if a is not None)
+    return any(isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu" for a in targets if a is not None)
 
 
 def _tensors(x):
@@ -64,9 +71,12 @@ def device_discipline(chunks):
         def call(*args, **kwargs):
             for t in _tensors([*args, *kwargs.values()]):
                 if not isinstance(t, OnDevice):
-                    raise RuntimeError(f"torch.distributed.{name} got a tensor that is not on the "
-                                       "model's device (NCCL would crash here)")
+                    raise RuntimeError(
+                        f"torch.distributed.{name} got a tensor that is not on the "
+                        "model's device (NCCL would crash here)"
+                    )
             return originals[name](*args, **kwargs)
+
         return call
 
     try:

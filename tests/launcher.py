@@ -6,4 +6,7 @@ A thin name for nat_megatron.parallel.launch.launch_function: every rank calls t
 with the same keyword arguments; a failing rank (or a hang) raises with every rank's output.
 """
 
-from nat_megatron.parallel.launch import ROOT, launch_function as launch  # noqa: F401
+from nat_megatron.parallel.launch import ROOT
+from nat_megatron.parallel.launch import launch_function as launch
+
+__all__ = ["ROOT", "launch"]

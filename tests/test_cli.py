@@ -30,10 +30,17 @@ def dry_runs(tmp_path_factory):
     (cwd / "data").mkdir()
     (cwd / "data" / "gsm8k_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = {name: subprocess.Popen([sys.executable, "-m", "nat_megatron.train", "--config", args[0],
-                                     "--dry-run", *args[1:]], cwd=cwd, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, args in RUNS.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "nat_megatron.train", "--config", args[0], "--dry-run", *args[1:]],
+            cwd=cwd,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, args in RUNS.items()
+    }
     return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
 
 
@@ -51,14 +58,17 @@ def test_invalid_layout_exits_2_naming_the_key(dry_runs):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["parallel.world_size=3"], "parallel.dp: 'auto' needs tp*pp*cp = 2 to divide"),
-    (["parallel.pp=4"], "parallel"),  # 4 stages with world size 2
-    (["parallel.pp=1", "parallel.dp=1"], "parallel.dp: layout tp*pp*cp*dp"),
-    (["rollout.max_new_tokens=9000"], "rollout.max_new_tokens"),
-    (["parallel.vpp=4"], "parallel.vpp: pp=2 x vpp=4 = 8 pipeline chunks do not divide"),
-    (["nat.budget=2"], "nat.budget: must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["parallel.world_size=3"], "parallel.dp: 'auto' needs tp*pp*cp = 2 to divide"),
+        (["parallel.pp=4"], "parallel"),  # 4 stages with world size 2
+        (["parallel.pp=1", "parallel.dp=1"], "parallel.dp: layout tp*pp*cp*dp"),
+        (["rollout.max_new_tokens=9000"], "rollout.max_new_tokens"),
+        (["parallel.vpp=4"], "parallel.vpp: pp=2 x vpp=4 = 8 pipeline chunks do not divide"),
+        (["nat.budget=2"], "nat.budget: must be in (0, 1]"),
+    ],
+)
 def test_invalid_in_process(overrides, key, capsys):
     assert main(["--config", str(CPU), "--dry-run", *overrides]) == 2
     err = capsys.readouterr().err
@@ -82,8 +92,10 @@ def test_dry_run_accepts_what_runs(capsys, in_job_dir):
     cfg = ROOT / "examples" / "configs" / "qwen3-8b.yaml"
     assert main(["--config", str(cfg), "--dry-run", "parallel.cp=2", "rollout.max_new_tokens=3071"]) == 0
     assert "lengths pad to a multiple of" in capsys.readouterr().out
-    assert main(["--config", str(CPU), "--dry-run", "parallel.vpp=3", "train.prompts_per_step=1",
-                 "rollout.group_size=3"]) == 0
+    assert (
+        main(["--config", str(CPU), "--dry-run", "parallel.vpp=3", "train.prompts_per_step=1", "rollout.group_size=3"])
+        == 0
+    )
     assert "up to 4 micro-batches of 1 per DP rank" in capsys.readouterr().out
 
 
@@ -111,13 +123,31 @@ def test_dry_run_reads_hf_dir_config_json(tmp_path, capsys):
     from tests.conftest import TINY
 
     (tmp_path / "config.json").write_text(json.dumps(dict(TINY, model_type="qwen2")))
-    args = ["--config", str(CPU), "--dry-run", "model.preset=null", f"model.hf_dir={tmp_path}",
-            "data.max_prompt_tokens=128", "rollout.max_new_tokens=64"]
+    args = [
+        "--config",
+        str(CPU),
+        "--dry-run",
+        "model.preset=null",
+        f"model.hf_dir={tmp_path}",
+        "data.max_prompt_tokens=128",
+        "rollout.max_new_tokens=64",
+    ]
     assert main([*args, "parallel.pp=1"]) == 0  # dp=2; 4 layers, 4 heads / 2 KV heads
     assert "# model: qwen2" in capsys.readouterr().out
     assert main([*args, "parallel.pp=1", "parallel.dp=1", "parallel.tp=2"]) == 0
-    assert main([*args, "parallel.pp=1", "parallel.dp=1", "parallel.tp=2",  # 191: padded
-                 "parallel.sequence_parallel=true", "rollout.max_new_tokens=63"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "parallel.pp=1",
+                "parallel.dp=1",
+                "parallel.tp=2",  # 191: padded
+                "parallel.sequence_parallel=true",
+                "rollout.max_new_tokens=63",
+            ]
+        )
+        == 0
+    )
     assert "lengths pad to a multiple of 2" in capsys.readouterr().out
     assert main([*args, "model.hf_dir=/nonexistent"]) == 2
     assert "model.hf_dir: no config.json" in capsys.readouterr().err

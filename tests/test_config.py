@@ -13,8 +13,7 @@ CPU = next(p for p in PRESETS if p.name == "smollm2-135m-cpu.yaml")
 
 
 def test_presets_exist():
-    assert {p.stem for p in PRESETS} >= {"smollm2-135m-cpu", "qwen3-8b", "llama3.1-8b",
-                                         "qwen2.5-32b", "llama3.1-70b"}
+    assert {p.stem for p in PRESETS} >= {"smollm2-135m-cpu", "qwen3-8b", "llama3.1-8b", "qwen2.5-32b", "llama3.1-70b"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -37,47 +36,59 @@ def test_default_job():
 
 
 def test_overrides():
-    cfg = load_config(CPU, ["nat.budget=0.25", "optim.lr=1e-5", "parallel.pp=1",
-                            "loss.aggregation=seq-mean-token-mean", "data.path=null",
-                            "model.hf_config.num_hidden_layers=4",
-                            "model.hf_config.model_type=llama", "model.hf_config.hidden_size=64",
-                            "model.hf_config.intermediate_size=128", "model.hf_config.vocab_size=300",
-                            "model.hf_config.num_attention_heads=4"])
+    cfg = load_config(
+        CPU,
+        [
+            "nat.budget=0.25",
+            "optim.lr=1e-5",
+            "parallel.pp=1",
+            "loss.aggregation=seq-mean-token-mean",
+            "data.path=null",
+            "model.hf_config.num_hidden_layers=4",
+            "model.hf_config.model_type=llama",
+            "model.hf_config.hidden_size=64",
+            "model.hf_config.intermediate_size=128",
+            "model.hf_config.vocab_size=300",
+            "model.hf_config.num_attention_heads=4",
+        ],
+    )
     assert cfg.nat.budget == 0.25 and cfg.optim.lr == 1e-5 and cfg.parallel.layout().dp == 2
     assert cfg.loss.aggregation == "seq-mean-token-mean"
     assert cfg.model.arch().num_layers == 4  # hf_config takes precedence over the preset
 
 
-@pytest.mark.parametrize("override, message", [
-    ("nat.budget=1.5", "nat.budget: must be in (0, 1], got 1.5"),
-    ("nat.buget=0.5", "nat.buget: unknown key; did you mean nat.budget?"),
-    ("bogus.x=1", "bogus: unknown key"),
-    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
-    ("train.steps=2.5", "train.steps: expected an integer"),
-    ("parallel.sequence_parallel=1", "parallel.sequence_parallel: expected true or false"),
-    ("parallel.dp=many", "parallel.dp: must be an integer >= 1 or 'auto'"),
-    ("parallel.sequence_parallel=true", "parallel.sequence_parallel: layout sequence_parallel needs tp >= 2"),
-    ("nat.scheme=rpc+urs", None),
-    ("nat.scheme=bogus", "nat.scheme: use one of"),
-    ("nat.rpc_floor=0.1", None),
-    ("nat.rpc_floor=0.9", "nat.rpc_floor: must be in (0, budget=0.5]"),
-    ("loss.eps_low=2", "loss.eps_low"),
-    ("loss.aggregation=mean", "loss.aggregation"),
-    ("data.size=0", "data.size"),
-    ("reward.name=nope", "reward.name: unknown reward 'nope'"),
-    ("rollout.engine=sglang", "rollout.engine"),
-    ("model.dtype=bf16", "model.dtype: train.device=cpu trains in fp32"),
-    ("model.preset=gpt5", "model.preset: unknown preset"),
-    ("model.fp8=fp4", "model.fp8: use one of (None, 'delayed', 'tensorwise', 'blockwise', 'mxfp8')"),
-    ("model.fp8=delayed", "model.fp8: FP8 needs Transformer Engine's CUDA kernels and "
-                          "train.device=cpu has none"),
-    ("nat.budget", "expected key.sub=value"),
-    ("nat=3", "nat: must be a mapping"),
-    ("checkpoint.allow_config_change=maybe", "checkpoint.allow_config_change: expected true or false"),
-    ("checkpoint.allow_config_change=true", None),
-    ("data.allow_changed=2", "data.allow_changed: expected true or false"),
-    ("data.allow_changed=true", None),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("nat.budget=1.5", "nat.budget: must be in (0, 1], got 1.5"),
+        ("nat.buget=0.5", "nat.buget: unknown key; did you mean nat.budget?"),
+        ("bogus.x=1", "bogus: unknown key"),
+        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+        ("train.steps=2.5", "train.steps: expected an integer"),
+        ("parallel.sequence_parallel=1", "parallel.sequence_parallel: expected true or false"),
+        ("parallel.dp=many", "parallel.dp: must be an integer >= 1 or 'auto'"),
+        ("parallel.sequence_parallel=true", "parallel.sequence_parallel: layout sequence_parallel needs tp >= 2"),
+        ("nat.scheme=rpc+urs", None),
+        ("nat.scheme=bogus", "nat.scheme: use one of"),
+        ("nat.rpc_floor=0.1", None),
+        ("nat.rpc_floor=0.9", "nat.rpc_floor: must be in (0, budget=0.5]"),
+        ("loss.eps_low=2", "loss.eps_low"),
+        ("loss.aggregation=mean", "loss.aggregation"),
+        ("data.size=0", "data.size"),
+        ("reward.name=nope", "reward.name: unknown reward 'nope'"),
+        ("rollout.engine=sglang", "rollout.engine"),
+        ("model.dtype=bf16", "model.dtype: train.device=cpu trains in fp32"),
+        ("model.preset=gpt5", "model.preset: unknown preset"),
+        ("model.fp8=fp4", "model.fp8: use one of (None, 'delayed', 'tensorwise', 'blockwise', 'mxfp8')"),
+        ("model.fp8=delayed", "model.fp8: FP8 needs Transformer Engine's CUDA kernels and train.device=cpu has none"),
+        ("nat.budget", "expected key.sub=value"),
+        ("nat=3", "nat: must be a mapping"),
+        ("checkpoint.allow_config_change=maybe", "checkpoint.allow_config_change: expected true or false"),
+        ("checkpoint.allow_config_change=true", None),
+        ("data.allow_changed=2", "data.allow_changed: expected true or false"),
+        ("data.allow_changed=true", None),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     if message is None:
         load_config(CPU, [override])
@@ -112,8 +123,14 @@ def test_otb_bingo_and_their_bad_values():
         with pytest.raises(ValueError, match=message):
             load_config(CPU, ["reward.bingo.enabled=true", override])
     with pytest.raises(ValueError, match="reward.bingo.scorer_path: .*does not exist|reward.bingo.scorer_path"):
-        load_config(CPU, ["reward.bingo.enabled=true", "reward.bingo.scorer=hf_token_classifier",
-                          "reward.bingo.scorer_path=/no/such/dir"])
+        load_config(
+            CPU,
+            [
+                "reward.bingo.enabled=true",
+                "reward.bingo.scorer=hf_token_classifier",
+                "reward.bingo.scorer_path=/no/such/dir",
+            ],
+        )
 
 
 def test_missing_model_and_bad_file(tmp_path):
@@ -134,8 +151,18 @@ def test_apply_override_nested():
 
 
 def test_rl_algorithm_keys_and_their_bad_values():
-    cfg = load_config(CPU, ["loss.kl_beta=0.01", "loss.kl_estimator=k2", "loss.old_logprobs=recompute",
-                            "loss.tis_cap=2.0", "loss.clip_ratio_c=3", "train.mini_batches=2", "train.epochs=2"])
+    cfg = load_config(
+        CPU,
+        [
+            "loss.kl_beta=0.01",
+            "loss.kl_estimator=k2",
+            "loss.old_logprobs=recompute",
+            "loss.tis_cap=2.0",
+            "loss.clip_ratio_c=3",
+            "train.mini_batches=2",
+            "train.epochs=2",
+        ],
+    )
     assert cfg.loss.kl_estimator == "k2" and cfg.loss.tis_cap == 2.0 and cfg.train.mini_batches == 2
     for overrides, message in [
         (["loss.kl_estimator=k4"], "loss.kl_estimator"),

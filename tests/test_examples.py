@@ -33,19 +33,44 @@ def _write_run(arm_dir, rows, wall_s=12.5):
 
 def test_plot_only_summary(tmp_path, compare):
     # "kept": the trainer's tokens/kept; "frac": only nat/kept_fraction; "full": neither
-    _write_run(tmp_path / "kept", [
-        {"reward/mean": 0.1, "reward/accuracy": 0.0, "tokens/generated": 100, "tokens/kept": 40, "tokens/forward": 60},
-        {"reward/mean": 0.3, "reward/accuracy": 0.25, "tokens/generated": 120, "tokens/kept": 50, "tokens/forward": 70},
-        {"reward/mean": 0.5, "reward/accuracy": 0.5, "tokens/generated": 80, "tokens/kept": 30, "tokens/forward": 40},
-    ])
-    _write_run(tmp_path / "frac", [
-        {"reward/mean": 0.2, "tokens/generated": 100, "nat/kept_fraction": 0.5, "time/step": 2.0},
-        {"reward/mean": 0.4, "tokens/generated": 200, "nat/kept_fraction": 0.25, "time/step": 3.0},
-    ])
+    _write_run(
+        tmp_path / "kept",
+        [
+            {
+                "reward/mean": 0.1,
+                "reward/accuracy": 0.0,
+                "tokens/generated": 100,
+                "tokens/kept": 40,
+                "tokens/forward": 60,
+            },
+            {
+                "reward/mean": 0.3,
+                "reward/accuracy": 0.25,
+                "tokens/generated": 120,
+                "tokens/kept": 50,
+                "tokens/forward": 70,
+            },
+            {
+                "reward/mean": 0.5,
+                "reward/accuracy": 0.5,
+                "tokens/generated": 80,
+                "tokens/kept": 30,
+                "tokens/forward": 40,
+            },
+        ],
+    )
+    _write_run(
+        tmp_path / "frac",
+        [
+            {"reward/mean": 0.2, "tokens/generated": 100, "nat/kept_fraction": 0.5, "time/step": 2.0},
+            {"reward/mean": 0.4, "tokens/generated": 200, "nat/kept_fraction": 0.25, "time/step": 3.0},
+        ],
+    )
     _write_run(tmp_path / "full", [{"reward/mean": 0.0, "tokens/generated": 10}] * 4)
     arms = [compare.Arm(n) for n in ("kept", "frac", "full", "missing")]
-    code = compare.main(arms, description="t", default_out=str(tmp_path),
-                        argv=["--plot-only", "--out", str(tmp_path), "--last-k", "2"])
+    code = compare.main(
+        arms, description="t", default_out=str(tmp_path), argv=["--plot-only", "--out", str(tmp_path), "--last-k", "2"]
+    )
     assert code == 0
 
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -86,12 +111,27 @@ def test_last_value_per_step_wins(tmp_path, compare):
 
 
 def test_arm_overrides_isolate_runs(tmp_path, compare):
-    ov = compare.arm_overrides(compare.Arm("urs", ["nat.scheme=urs"]), tmp_path, steps=5, seed=3,
-                               extra=["train.steps=99", "rollout.group_size=2"])
-    assert ov[:5] == ["checkpoint.keep_last=1", "checkpoint.export_hf=false", "train.steps=99",
-                      "rollout.group_size=2", "nat.scheme=urs"]
-    assert ov[5:] == ["train.steps=5", "train.seed=3", f"checkpoint.dir={tmp_path / 'urs' / 'checkpoints'}",
-                      "checkpoint.resume=never", f"telemetry.tensorboard_dir={tmp_path / 'urs' / 'tb'}"]
+    ov = compare.arm_overrides(
+        compare.Arm("urs", ["nat.scheme=urs"]),
+        tmp_path,
+        steps=5,
+        seed=3,
+        extra=["train.steps=99", "rollout.group_size=2"],
+    )
+    assert ov[:5] == [
+        "checkpoint.keep_last=1",
+        "checkpoint.export_hf=false",
+        "train.steps=99",
+        "rollout.group_size=2",
+        "nat.scheme=urs",
+    ]
+    assert ov[5:] == [
+        "train.steps=5",
+        "train.seed=3",
+        f"checkpoint.dir={tmp_path / 'urs' / 'checkpoints'}",
+        "checkpoint.resume=never",
+        f"telemetry.tensorboard_dir={tmp_path / 'urs' / 'tb'}",
+    ]
 
 
 @pytest.mark.parametrize("script", ["nat_vs_full", "otb_group_size"])

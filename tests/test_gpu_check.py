@@ -19,8 +19,7 @@ def test_list_names_every_check():
 
 
 def test_checks_are_isolated_and_report_in_one_json_line():
-    done = subprocess.run([*TOOL, "--only", "fp8", "--only", "trainer_two_steps"],
-                          capture_output=True, text=True)
+    done = subprocess.run([*TOOL, "--only", "fp8", "--only", "trainer_two_steps"], capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout
     res = json.loads(lines[0])

@@ -49,8 +49,7 @@ def test_log_every_and_other_ranks(tmp_path):
             tel.log_step(step, {"loss": float(step)})
     assert [s for s, _ in _scalars(tmp_path / "tb")["loss"]] == [2, 4, 5]  # and the last step
     silent = io.StringIO()
-    with Telemetry(TelemetryConfig(tensorboard_dir=str(tmp_path / "tb1")), total_steps=2, rank=1,
-                   stream=silent) as tel:
+    with Telemetry(TelemetryConfig(tensorboard_dir=str(tmp_path / "tb1")), total_steps=2, rank=1, stream=silent) as tel:
         tel.log_step(1, {"loss": 1.0})
         tel.info("hello")
     assert silent.getvalue() == "" and not (tmp_path / "tb1").exists()

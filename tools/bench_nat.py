@@ -49,30 +49,72 @@ from nat_megatron.nat.loss import LossConfig  # noqa: E402
 from nat_megatron.nat.selection import sample, selection_generators  # noqa: E402
 from nat_megatron.parallel.distributed import init_distributed, shutdown  # noqa: E402
 from nat_megatron.parallel.layout import Layout  # noqa: E402
-from nat_megatron.train.batching import (KEPT_FIELD, Sample, build_micro_batches,  # noqa: E402
-                                         nat_loss_fn)
+from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn  # noqa: E402
 from nat_megatron.train.forward_backward import forward_backward  # noqa: E402
 from nat_megatron.train.optimizer import wrap_ddp  # noqa: E402
 
 # Model shape, dtype and the batch each preset runs. tiny: compute-bound on 2 CPU cores (the
 # 32k-vocabulary output layer is about half the FLOPs, as in small real models).
 PRESETS = {
-    "tiny": dict(arch=dict(family="llama", vocab_size=32000, hidden_size=256, ffn_hidden_size=768,
-                           num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-                           max_position_embeddings=8192),
-                 dtype="float32", samples=8, prompt_len=64, response_len=512, micro_batches=2),
-    "qwen3-1.7b": dict(arch=dict(family="qwen3", vocab_size=151936, hidden_size=2048,
-                                 ffn_hidden_size=6144, num_layers=28, num_heads=16, num_kv_heads=8,
-                                 head_dim=128, rope_theta=1e6, tie_embeddings=True, qk_norm=True,
-                                 max_position_embeddings=40960),
-                       dtype="bfloat16", samples=16, prompt_len=256, response_len=4096,
-                       micro_batches=8),
-    "qwen3-8b": dict(arch=dict(family="qwen3", vocab_size=151936, hidden_size=4096,
-                               ffn_hidden_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
-                               head_dim=128, rope_theta=1e6, qk_norm=True,
-                               max_position_embeddings=40960),
-                     dtype="bfloat16", samples=8, prompt_len=256, response_len=4096,
-                     micro_batches=8),
+    "tiny": dict(
+        arch=dict(
+            family="llama",
+            vocab_size=32000,
+            hidden_size=256,
+            ffn_hidden_size=768,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            max_position_embeddings=8192,
+        ),
+        dtype="float32",
+        samples=8,
+        prompt_len=64,
+        response_len=512,
+        micro_batches=2,
+    ),
+    "qwen3-1.7b": dict(
+        arch=dict(
+            family="qwen3",
+            vocab_size=151936,
+            hidden_size=2048,
+            ffn_hidden_size=6144,
+            num_layers=28,
+            num_heads=16,
+            num_kv_heads=8,
+            head_dim=128,
+            rope_theta=1e6,
+            tie_embeddings=True,
+            qk_norm=True,
+            max_position_embeddings=40960,
+        ),
+        dtype="bfloat16",
+        samples=16,
+        prompt_len=256,
+        response_len=4096,
+        micro_batches=8,
+    ),
+    "qwen3-8b": dict(
+        arch=dict(
+            family="qwen3",
+            vocab_size=151936,
+            hidden_size=4096,
+            ffn_hidden_size=12288,
+            num_layers=36,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            rope_theta=1e6,
+            qk_norm=True,
+            max_position_embeddings=40960,
+        ),
+        dtype="bfloat16",
+        samples=8,
+        prompt_len=256,
+        response_len=4096,
+        micro_batches=8,
+    ),
 }
 
 
@@ -139,25 +181,35 @@ class CudaBytes:
 
 def make_samples(n, prompt_len, response_len, vocab, seed):
     g = torch.Generator().manual_seed(seed)
-    return [Sample(prompt=torch.randint(0, vocab, (prompt_len,), generator=g),
-                   response=torch.randint(0, vocab, (response_len,), generator=g),
-                   old_logprobs=-10.0 - torch.rand(response_len, generator=g),
-                   advantage=float(torch.randn((), generator=g)))
-            for _ in range(n)]
+    return [
+        Sample(
+            prompt=torch.randint(0, vocab, (prompt_len,), generator=g),
+            response=torch.randint(0, vocab, (response_len,), generator=g),
+            old_logprobs=-10.0 - torch.rand(response_len, generator=g),
+            advantage=float(torch.randn((), generator=g)),
+        )
+        for _ in range(n)
+    ]
 
 
 def plan_scheme(name, samples, budget, micro_batches, seed, cfg):
     scheme = name.removesuffix("_unsorted").removesuffix("_output_only")
     lengths = torch.tensor([len(s.response) for s in samples])
-    sel = sample(scheme, 1.0 if scheme == "none" else budget, lengths,
-                 selection_generators(seed, 0, range(len(samples))))
-    mbs = build_micro_batches(samples, sel, aggregation=cfg.aggregation,
-                              num_micro_batches=micro_batches, sort=not name.endswith("_unsorted"))
+    sel = sample(
+        scheme, 1.0 if scheme == "none" else budget, lengths, selection_generators(seed, 0, range(len(samples)))
+    )
+    mbs = build_micro_batches(
+        samples, sel, aggregation=cfg.aggregation, num_micro_batches=micro_batches, sort=not name.endswith("_unsorted")
+    )
     real = sum(len(s.prompt) + int(c) - 1 for s, c in zip(samples, sel.cut) if c > 0)
     padded = sum(mb.tokens.numel() for mb in mbs)
-    info = {"kept_fraction": round(sel.kept_fraction, 4), "micro_batches": len(mbs),
-            "input_tokens": padded, "pad_fraction": round(1 - real / padded, 4),
-            "output_positions": int(sum(mb.fields[KEPT_FIELD].sum() for mb in mbs))}
+    info = {
+        "kept_fraction": round(sel.kept_fraction, 4),
+        "micro_batches": len(mbs),
+        "input_tokens": padded,
+        "pad_fraction": round(1 - real / padded, 4),
+        "output_positions": int(sum(mb.fields[KEPT_FIELD].sum() for mb in mbs)),
+    }
     return mbs, info
 
 
@@ -169,9 +221,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--samples", type=int)
     parser.add_argument("--micro-batches", type=int)
-    parser.add_argument("--schemes", default="none,urs,urs_output_only,rpc",
-                        help="comma list; rpc_unsorted: RPC without sorting (the padding "
-                             "baseline); urs_output_only: URS without the selected last layer")
+    parser.add_argument(
+        "--schemes",
+        default="none,urs,urs_output_only,rpc",
+        help="comma list; rpc_unsorted: RPC without sorting (the padding "
+        "baseline); urs_output_only: URS without the selected last layer",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -180,24 +235,26 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
-    shape = {k: getattr(args, k) or preset[k]
-             for k in ("samples", "prompt_len", "response_len", "micro_batches")}
+    shape = {k: getattr(args, k) or preset[k] for k in ("samples", "prompt_len", "response_len", "micro_batches")}
     with socket.socket() as sock:  # a free port: several benchmarks may run side by side
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    for key, val in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                     ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
+    for key, val in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", port),
+    ):
         os.environ.setdefault(key, val)
     init_distributed(Layout(), seed=args.seed)
     arch = ModelArch(**preset["arch"])
     dtype = getattr(torch, preset["dtype"])
     ddp = wrap_ddp(build_model(arch, Layout(), dtype=dtype), use_distributed_optimizer=False)
     cfg = LossConfig()
-    samples = make_samples(shape["samples"], shape["prompt_len"], shape["response_len"],
-                           arch.vocab_size, args.seed)
+    samples = make_samples(shape["samples"], shape["prompt_len"], shape["response_len"], arch.vocab_size, args.seed)
     names = args.schemes.split(",")
-    plans = {n: plan_scheme(n, samples, args.budget, shape["micro_batches"], args.seed, cfg)
-             for n in names}
+    plans = {n: plan_scheme(n, samples, args.budget, shape["micro_batches"], args.seed, cfg) for n in names}
     gpu = torch.cuda.is_available()
     model = unwrap(ddp[0])
     tracker = None
@@ -221,8 +278,7 @@ def main(argv=None) -> int:
         model.select_last_layer = not name.endswith("_output_only")
         for c in ddp:
             c.zero_grad_buffer()
-        forward_backward(ddp, plans[name][0], loss_fn, vocab_size=arch.vocab_size,
-                         output_mask=KEPT_FIELD)
+        forward_backward(ddp, plans[name][0], loss_fn, vocab_size=arch.vocab_size, output_mask=KEPT_FIELD)
         if gpu:
             torch.cuda.synchronize()
 
@@ -235,41 +291,63 @@ def main(argv=None) -> int:
                 times[n].append(time.perf_counter() - t0)
                 cpu_times[n].append(time.process_time() - c0)
     static = sum(p.numel() * p.element_size() for p in model.parameters())
-    static += sum(buf.grad_data.numel() * buf.grad_data.element_size()
-                  for c in ddp for buf in c.buffers)
+    static += sum(buf.grad_data.numel() * buf.grad_data.element_size() for c in ddp for buf in c.buffers)
     result = {}
     for n in names:
         tracker = CudaBytes() if gpu else LiveBytes()
         with tracker:
             step(n)
         peak = tracker.peak if gpu else static + tracker.peak
-        result[n] = dict(time_s=round(statistics.median(times[n]), 4),
-                         times_s=[round(t, 4) for t in times[n]],
-                         cpu_time_s=round(statistics.median(cpu_times[n]), 4), peak_bytes=peak,
-                         output_layer_bytes=tracker.region_max, **plans[n][1])
+        result[n] = dict(
+            time_s=round(statistics.median(times[n]), 4),
+            times_s=[round(t, 4) for t in times[n]],
+            cpu_time_s=round(statistics.median(cpu_times[n]), 4),
+            peak_bytes=peak,
+            output_layer_bytes=tracker.region_max,
+            **plans[n][1],
+        )
         tracker = None
     base = result.get("none")
-    ratios = {n: {"time": round(r["time_s"] / base["time_s"], 3),
-                  "cpu_time": round(r["cpu_time_s"] / base["cpu_time_s"], 3),
-                  "peak_memory": round(r["peak_bytes"] / base["peak_bytes"], 3),
-                  "output_layer_memory": round(r["output_layer_bytes"] /
-                                               base["output_layer_bytes"], 3)}
-              for n, r in result.items() if base and n != "none"}
+    ratios = {
+        n: {
+            "time": round(r["time_s"] / base["time_s"], 3),
+            "cpu_time": round(r["cpu_time_s"] / base["cpu_time_s"], 3),
+            "peak_memory": round(r["peak_bytes"] / base["peak_bytes"], 3),
+            "output_layer_memory": round(r["output_layer_bytes"] / base["output_layer_bytes"], 3),
+        }
+        for n, r in result.items()
+        if base and n != "none"
+    }
     if "urs" in result and "urs_output_only" in result:  # the selected last layer's saving
         u, o = result["urs"], result["urs_output_only"]
         ratios["urs_vs_output_only"] = {
             "time": round(u["time_s"] / o["time_s"], 3),
             "cpu_time": round(u["cpu_time_s"] / o["cpu_time_s"], 3),
-            "peak_memory": round(u["peak_bytes"] / o["peak_bytes"], 3)}
-    print(json.dumps({
-        "preset": args.preset, "device": torch.cuda.get_device_name() if gpu else "cpu",
-        "threads": torch.get_num_threads(),
-        # Other jobs on a shared machine distort wall times (and multi-thread barriers most).
-        "load_avg_1m": round(os.getloadavg()[0], 2), "dtype": preset["dtype"], "budget": args.budget,
-        **shape, "arch": preset["arch"], "warmup": args.warmup, "repeats": args.repeats,
-        "memory_method": "cuda max_memory_allocated" if gpu else
-        "TorchDispatchMode live storage bytes during the step + parameter and grad-buffer bytes",
-        "schemes": result, "ratios_to_none": ratios}), flush=True)  # before teardown
+            "peak_memory": round(u["peak_bytes"] / o["peak_bytes"], 3),
+        }
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "device": torch.cuda.get_device_name() if gpu else "cpu",
+                "threads": torch.get_num_threads(),
+                # Other jobs on a shared machine distort wall times (and multi-thread barriers most).
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "dtype": preset["dtype"],
+                "budget": args.budget,
+                **shape,
+                "arch": preset["arch"],
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "memory_method": "cuda max_memory_allocated"
+                if gpu
+                else "TorchDispatchMode live storage bytes during the step + parameter and grad-buffer bytes",
+                "schemes": result,
+                "ratios_to_none": ratios,
+            }
+        ),
+        flush=True,
+    )  # before teardown
     shutdown()
     return 0
 

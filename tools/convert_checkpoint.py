@@ -54,8 +54,10 @@ def check_inputs(args) -> None:
     if getattr(args, "mcore", None):
         meta = Path(args.mcore, "hf", "config.json")
         if not Path(args.mcore, "metadata.json").is_file() or not meta.is_file():
-            raise ValueError(f"--mcore {args.mcore}: not a checkpoint written by hf-to-mcore "
-                             "(needs metadata.json and hf/config.json)")
+            raise ValueError(
+                f"--mcore {args.mcore}: not a checkpoint written by hf-to-mcore "
+                "(needs metadata.json and hf/config.json)"
+            )
         arch = ModelArch.from_hf_dir(meta.parent)
     if args.cmd != "mcore-to-hf":
         layout = Layout(tp=args.tp, pp=args.pp, vpp=getattr(args, "vpp", None))

@@ -38,9 +38,11 @@ CHECKS: dict[str, dict] = {}  # name -> {"fn", "doc", "limit_s"}, in running ord
 
 def check(name: str, limit_s: int):
     """Register a check: its docstring's first line is what --list prints."""
+
     def register(fn):
         CHECKS[name] = {"fn": fn, "doc": fn.__doc__.strip().splitlines()[0], "limit_s": limit_s}
         return fn
+
     return register
 
 
@@ -75,9 +77,17 @@ def _random_hf(family: str, out: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    kw = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
-              rms_norm_eps=1e-6, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     config = LlamaConfig(**kw) if family == "llama" else Qwen2Config(**kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -114,9 +124,15 @@ def _run(chunks, arch, tokens, *, forward_only=True, output_mask=None):
     fields = {} if output_mask is None else {"mask": output_mask}
     mb = MicroBatch(tokens=tokens, targets=targets, fields=fields, count=1)
     loss = lambda st, mb: (-st["logprobs"].float().sum(), 1)  # noqa: E731
-    out = forward_backward(chunks, [mb], loss, vocab_size=arch.vocab_size,
-                           forward_only=forward_only, keep_logits=forward_only,
-                           output_mask=None if output_mask is None else "mask")[0]
+    out = forward_backward(
+        chunks,
+        [mb],
+        loss,
+        vocab_size=arch.vocab_size,
+        forward_only=forward_only,
+        keep_logits=forward_only,
+        output_mask=None if output_mask is None else "mask",
+    )[0]
     return out["stats"]["logprobs"].float(), out.get("logits")
 
 
@@ -150,9 +166,11 @@ def parity_bf16() -> dict:
                     c.eval()
                 _, logits = _run(chunks, arch, tokens)
                 diff = (logits.float() - ref).abs()
-                out[f"{family}_{backend}"] = {"max_abs": round(float(diff.max()), 5),
-                                              "mean_abs": round(float(diff.mean()), 6),
-                                              "rel_l2": round(_rel(logits, ref), 6)}
+                out[f"{family}_{backend}"] = {
+                    "max_abs": round(float(diff.max()), 5),
+                    "mean_abs": round(float(diff.mean()), 6),
+                    "rel_l2": round(_rel(logits, ref), 6),
+                }
                 del chunks
     # A mapping error gives O(1) differences; bf16 rounding through 4 layers gives ~1e-2.
     out["ok"] = all(v["rel_l2"] < 0.05 for v in out.values())
@@ -189,21 +207,24 @@ def fp8() -> dict:
                 grads = [p.grad.float() for p in chunks[0].parameters() if p.grad is not None]
                 cos = torch.nn.functional.cosine_similarity(  # float64: 20M-element sums
                     torch.cat([x.flatten() for x in grads]).double(),
-                    torch.cat([x.flatten() for x in ref_grads]).double(), dim=0)
+                    torch.cat([x.flatten() for x in ref_grads]).double(),
+                    dim=0,
+                )
                 sel_lp, _ = _run(chunks, arch, tokens, output_mask=mask)
                 full_lp, _ = _run(chunks, arch, tokens)
                 out[recipe] = {
-                    "finite": bool(torch.isfinite(lp).all()) and all(
-                        bool(torch.isfinite(x).all()) for x in grads),
+                    "finite": bool(torch.isfinite(lp).all()) and all(bool(torch.isfinite(x).all()) for x in grads),
                     "logprob_rel_l2_vs_bf16": round(_rel(lp, ref_lp), 5),
                     "grad_cosine_vs_bf16": round(float(cos), 5),
-                    "selected_vs_full_max_abs": round(float((sel_lp - full_lp)[mask].abs().max()), 5)}
+                    "selected_vs_full_max_abs": round(float((sel_lp - full_lp)[mask].abs().max()), 5),
+                }
                 del chunks
             except Exception as e:  # a recipe this TE build or GPU lacks: report, go on
                 out[recipe] = {"error": f"{type(e).__name__}: {e}"[:300]}
     ran = [v for v in out.values() if "finite" in v]
-    out["ok"] = bool(ran) and all(v["finite"] and v["logprob_rel_l2_vs_bf16"] < 0.1
-                                  and v["grad_cosine_vs_bf16"] > 0.9 for v in ran)
+    out["ok"] = bool(ran) and all(
+        v["finite"] and v["logprob_rel_l2_vs_bf16"] < 0.1 and v["grad_cosine_vs_bf16"] > 0.9 for v in ran
+    )
     return out
 
 
@@ -211,19 +232,38 @@ def fp8() -> dict:
 def bench_nat() -> dict:
     """tools/bench_nat.py at Qwen3-1.7B shape, 8k-token responses: RPC/URS time and peak-memory ratios."""
     _need_gpu()
-    cmd = [sys.executable, str(ROOT / "tools" / "bench_nat.py"), "--preset", "qwen3-1.7b",
-           "--response-len", "8192", "--prompt-len", "256", "--samples", "8",
-           "--micro-batches", "8", "--warmup", "1", "--repeats", "2",
-           "--schemes", "none,urs,urs_output_only,rpc"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "bench_nat.py"),
+        "--preset",
+        "qwen3-1.7b",
+        "--response-len",
+        "8192",
+        "--prompt-len",
+        "256",
+        "--samples",
+        "8",
+        "--micro-batches",
+        "8",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--schemes",
+        "none,urs,urs_output_only,rpc",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=230)
     lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
     if done.returncode or not lines:
         raise RuntimeError(f"bench_nat exited {done.returncode}: {done.stderr[-1500:]}")
     res = json.loads(lines[-1])
-    return {"ok": True, "ratios_to_none": res["ratios_to_none"],
-            "peak_gb": {k: round(v["peak_bytes"] / 2**30, 2) for k, v in res["schemes"].items()},
-            "time_s": {k: v["time_s"] for k, v in res["schemes"].items()},
-            "shape": {k: res[k] for k in ("samples", "prompt_len", "response_len", "micro_batches")}}
+    return {
+        "ok": True,
+        "ratios_to_none": res["ratios_to_none"],
+        "peak_gb": {k: round(v["peak_bytes"] / 2**30, 2) for k, v in res["schemes"].items()},
+        "time_s": {k: v["time_s"] for k, v in res["schemes"].items()},
+        "shape": {k: res[k] for k in ("samples", "prompt_len", "response_len", "micro_batches")},
+    }
 
 
 @check("vllm_engine", limit_s=180)
@@ -252,9 +292,10 @@ def _engine_round_trip(model_dir: str) -> dict:
     single_process_env()  # vLLM's external_launcher reads RANK, LOCAL_RANK, MASTER_ADDR/PORT
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok(render_prompt(tok, q, None), add_special_tokens=False)["input_ids"]
-               for q in ("What is 12 + 7?", "Name a prime number.", "Spell cat backwards.",
-                         "What is 3 * 4?")]
+    prompts = [
+        tok(render_prompt(tok, q, None), add_special_tokens=False)["input_ids"]
+        for q in ("What is 12 + 7?", "Name a prime number.", "Spell cat backwards.", "What is 3 * 4?")
+    ]
     engine = RolloutEngine(model_dir, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)
     sampling, seeds = SamplingConfig(temperature=1.0, max_new_tokens=48, n=2), list(range(len(prompts)))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(_dev()).eval()
@@ -266,8 +307,8 @@ def _engine_round_trip(model_dir: str) -> dict:
             for c in group:
                 ids = torch.tensor([list(p) + c.token_ids]).to(_dev())
                 with torch.no_grad():
-                    lp = torch.log_softmax(hf(ids).logits[0, len(p) - 1:-1].float(), -1)
-                out.append(lp.gather(-1, ids[0, len(p):, None])[:, 0].cpu())
+                    lp = torch.log_softmax(hf(ids).logits[0, len(p) - 1 : -1].float(), -1)
+                out.append(lp.gather(-1, ids[0, len(p) :, None])[:, 0].cpu())
         return out
 
     def engine_logprobs(groups):
@@ -292,13 +333,14 @@ def _engine_round_trip(model_dir: str) -> dict:
     groups = engine.generate(prompts, sampling, seeds)
     res["after_update_gap"] = logprob_mismatch(engine_logprobs(groups), hf_logprobs(groups))
     hf.load_state_dict(old_weights)  # the same samples against the weights before the update
-    res["after_update_gap_vs_old_weights"] = logprob_mismatch(engine_logprobs(groups),
-                                                              hf_logprobs(groups))
+    res["after_update_gap_vs_old_weights"] = logprob_mismatch(engine_logprobs(groups), hf_logprobs(groups))
     engine.close()
-    res["ok"] = (res["tokens_generated"] > 0 and res["bf16_gap"]["mean_abs"] < 0.1
-                 and res["after_update_gap"]["mean_abs"] < 0.1
-                 and res["after_update_gap"]["mean_abs"]
-                 < res["after_update_gap_vs_old_weights"]["mean_abs"])
+    res["ok"] = (
+        res["tokens_generated"] > 0
+        and res["bf16_gap"]["mean_abs"] < 0.1
+        and res["after_update_gap"]["mean_abs"] < 0.1
+        and res["after_update_gap"]["mean_abs"] < res["after_update_gap_vs_old_weights"]["mean_abs"]
+    )
     return res
 
 
@@ -311,16 +353,29 @@ def trainer_two_steps() -> dict:
 
     single_process_env()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(ROOT / "examples" / "configs" / "smollm2-135m-cpu.yaml", [
-            "train.device=cuda", "model.dtype=bf16", "rollout.dtype=bf16", "parallel.world_size=1",
-            "parallel.pp=1", "train.steps=2", "train.prompts_per_step=8", "rollout.group_size=4",
-            "rollout.max_new_tokens=64", f"checkpoint.dir={tmp}/ckpt", "checkpoint.resume=never",
-            "telemetry.tensorboard_dir=null"])
+        cfg = load_config(
+            ROOT / "examples" / "configs" / "smollm2-135m-cpu.yaml",
+            [
+                "train.device=cuda",
+                "model.dtype=bf16",
+                "rollout.dtype=bf16",
+                "parallel.world_size=1",
+                "parallel.pp=1",
+                "train.steps=2",
+                "train.prompts_per_step=8",
+                "rollout.group_size=4",
+                "rollout.max_new_tokens=64",
+                f"checkpoint.dir={tmp}/ckpt",
+                "checkpoint.resume=never",
+                "telemetry.tensorboard_dir=null",
+            ],
+        )
         steps = _two_trainer_steps(cfg)
     keys = ("loss", "grad_norm", "reward/mean", "nat/kept_fraction", "logprob_mismatch/mean")
     out = {"steps": [{k: round(float(s[k]), 5) for k in keys if k in s} for s in steps]}
     out["ok"] = len(steps) == 2 and all(
-        abs(s["loss"]) < float("inf") and s["grad_norm"] == s["grad_norm"] for s in out["steps"])
+        abs(s["loss"]) < float("inf") and s["grad_norm"] == s["grad_norm"] for s in out["steps"]
+    )
     return out
 
 
@@ -346,8 +401,11 @@ def run_one(name: str, out_file: str) -> None:
         result = CHECKS[name]["fn"]()
         result.setdefault("ok", True)
     except Exception as e:
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:],
-                  "where": traceback.format_exc(limit=-3)[-1500:]}
+        result = {
+            "ok": False,
+            "error": f"{type(e).__name__}: {e}"[-2000:],
+            "where": traceback.format_exc(limit=-3)[-1500:],
+        }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(out_file).write_text(json.dumps(result, default=str))
 
@@ -361,20 +419,25 @@ def run_all(names: list[str], budget_s: float = TOTAL_BUDGET_S) -> dict:
         if limit < 10:
             results[name] = {"ok": False, "error": "not run: the total time budget is spent"}
             continue
-        with tempfile.NamedTemporaryFile(suffix=".json") as f, \
-                tempfile.TemporaryFile(mode="w+") as err:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f, tempfile.TemporaryFile(mode="w+") as err:
             t0 = time.perf_counter()
             # A session of its own: on a timeout the whole process group goes (bench_nat and
             # vLLM start processes of their own, which must not keep holding the GPU).
-            proc = subprocess.Popen([sys.executable, __file__, "--run-one", name, "--out", f.name],
-                                    stdout=err, stderr=err, text=True, cwd=ROOT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--run-one", name, "--out", f.name],
+                stdout=err,
+                stderr=err,
+                text=True,
+                cwd=ROOT,
+                start_new_session=True,
+            )
             try:
                 code = proc.wait(timeout=limit)
                 text = Path(f.name).read_text()
                 err.seek(0)
-                results[name] = json.loads(text) if text else {
-                    "ok": False, "error": f"exited with {code}: {err.read()[-1500:]}"}
+                results[name] = (
+                    json.loads(text) if text else {"ok": False, "error": f"exited with {code}: {err.read()[-1500:]}"}
+                )
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -401,8 +464,7 @@ def environment() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print every check and exit")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="run this check only (repeatable)")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run this check only (repeatable)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -419,8 +481,12 @@ def main(argv=None) -> int:
         parser.error(f"--only: unknown check(s) {unknown}; use --list to see them")
     t0 = time.perf_counter()
     checks = run_all(names)
-    print(json.dumps({"tool": "gpu_check", **environment(),
-                      "seconds": round(time.perf_counter() - t0, 1), "checks": checks}), flush=True)
+    print(
+        json.dumps(
+            {"tool": "gpu_check", **environment(), "seconds": round(time.perf_counter() - t0, 1), "checks": checks}
+        ),
+        flush=True,
+    )
     return 0 if all(c["ok"] for c in checks.values()) else 1
 
 

@@ -79,8 +79,10 @@ def parse_layout(parser, text: str, gpus: int):
     if rc is not None and rc not in C.RECOMPUTE:
         parser.error(f"--layout: recompute {rc!r} is unknown; use one of {tuple(C.RECOMPUTE)}")
     if lay.world_size != gpus:
-        parser.error(f"--layout: tp*pp*cp*dp = {lay.tp}*{lay.pp}*{lay.cp}*{lay.dp} = "
-                     f"{lay.world_size} does not match --gpus {gpus}")
+        parser.error(
+            f"--layout: tp*pp*cp*dp = {lay.tp}*{lay.pp}*{lay.cp}*{lay.dp} = "
+            f"{lay.world_size} does not match --gpus {gpus}"
+        )
     return lay, mbs, rc
 
 
@@ -105,8 +107,15 @@ def main(argv=None) -> int:
         parser.error(f"--response-len must lie in [1, --seq-len={a.seq_len}], got {a.response_len}")
     try:
         scheme, budget = Workload.parse_nat(a.nat)
-        work = Workload(seq_len=a.seq_len, response_len=a.response_len, global_batch=a.global_batch,
-                        nat=scheme, budget=budget, logits_on=a.logits_on, nat_peak=a.nat_peak)
+        work = Workload(
+            seq_len=a.seq_len,
+            response_len=a.response_len,
+            global_batch=a.global_batch,
+            nat=scheme,
+            budget=budget,
+            logits_on=a.logits_on,
+            nat_peak=a.nat_peak,
+        )
     except ValueError as e:
         parser.error(f"--nat {a.nat!r}: {e}")
     device = a.device
@@ -116,20 +125,32 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             device = "cpu"
             if arch.num_params() > CPU_VALIDATE_MAX_PARAMS or a.gpus > 8:
-                parser.error("--validate on a machine without GPUs runs one CPU process per GPU: "
-                             "use a small model (--model tiny) and --gpus <= 8")
+                parser.error(
+                    "--validate on a machine without GPUs runs one CPU process per GPU: "
+                    "use a small model (--model tiny) and --gpus <= 8"
+                )
     dev = C.DEVICES[device]
     mem_gb = a.gpu_mem_gb if device != "cpu" else dev.mem_gb
     rollout = None
     if a.colocate_rollout:
         try:
-            rollout = rollout_plan(arch, mem_gb=mem_gb, seq_len=a.seq_len, tp=a.rollout_tp,
-                                   gpus_per_node=a.gpus_per_node, utilization=a.rollout_mem_util)
+            rollout = rollout_plan(
+                arch,
+                mem_gb=mem_gb,
+                seq_len=a.seq_len,
+                tp=a.rollout_tp,
+                gpus_per_node=a.gpus_per_node,
+                utilization=a.rollout_mem_util,
+            )
         except ValueError as e:
             parser.error(f"--colocate-rollout: {e}")
 
-    kwargs = dict(mem_gb=mem_gb, gpus_per_node=a.gpus_per_node, rollout=rollout,
-                  distributed_optimizer=not a.no_distributed_optimizer)
+    kwargs = dict(
+        mem_gb=mem_gb,
+        gpus_per_node=a.gpus_per_node,
+        rollout=rollout,
+        distributed_optimizer=not a.no_distributed_optimizer,
+    )
     if a.layout:
         lay, mbs, rc = parse_layout(parser, a.layout, a.gpus)
         try:
@@ -141,9 +162,16 @@ def main(argv=None) -> int:
                 validate_layout(arch, lay, global_batch=a.global_batch, micro_batch_size=m)
             except ValueError as e:
                 parser.error(f"--global-batch: {e}")
-        result = search(arch, work, a.gpus, dev, layouts=[lay],
-                        mbs_options=[mbs] if mbs else MICRO_BATCH_SIZES,
-                        recompute_options=[rc] if rc else tuple(C.RECOMPUTE), **kwargs)
+        result = search(
+            arch,
+            work,
+            a.gpus,
+            dev,
+            layouts=[lay],
+            mbs_options=[mbs] if mbs else MICRO_BATCH_SIZES,
+            recompute_options=[rc] if rc else tuple(C.RECOMPUTE),
+            **kwargs,
+        )
     else:
         result = search(arch, work, a.gpus, dev, **kwargs)
     if not result.candidates:
@@ -153,8 +181,9 @@ def main(argv=None) -> int:
             arg = "--global-batch"
         parser.error(f"{arg}: no valid layout for {a.gpus} GPUs: " + " | ".join(reasons[:6]))
 
-    info = report.assumptions(arch, work, dev, gpus=a.gpus, mem_gb=mem_gb,
-                              gpus_per_node=a.gpus_per_node, rollout=rollout)
+    info = report.assumptions(
+        arch, work, dev, gpus=a.gpus, mem_gb=mem_gb, gpus_per_node=a.gpus_per_node, rollout=rollout
+    )
     doc = report.to_json(result, info)
     if not a.json:
         print(report.table(result, info, top=a.top))
@@ -163,13 +192,22 @@ def main(argv=None) -> int:
 
         plans = [c.plan for c in result.candidates if c.fits][: a.validate_top]
         rows = validate_plans(arch, work, plans, steps=a.validate_steps)
-        doc["validation"] = [{"layout": c.layout_text, "recompute": r["plan"].recompute,
-                              "predicted_gb": r["predicted_gb"], "measured_gb": r["measured_gb"],
-                              "predicted_s": r["predicted_s"], "measured_s": r["measured_s"]}
-                             for c, r in zip(result.candidates, rows)]
+        doc["validation"] = [
+            {
+                "layout": c.layout_text,
+                "recompute": r["plan"].recompute,
+                "predicted_gb": r["predicted_gb"],
+                "measured_gb": r["measured_gb"],
+                "predicted_s": r["predicted_s"],
+                "measured_s": r["measured_s"],
+            }
+            for c, r in zip(result.candidates, rows)
+        ]
         if not a.json:
-            print(f"\nvalidation on {dev.name} ({a.validate_steps} steps; peak over steps 2.. "
-                  "and ranks):\n" + format_rows(rows))
+            print(
+                f"\nvalidation on {dev.name} ({a.validate_steps} steps; peak over steps 2.. "
+                "and ranks):\n" + format_rows(rows)
+            )
     if a.json:
         json.dump(doc, sys.stdout, indent=1)
         print()

@@ -25,5 +25,4 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(main(ARMS, description=__doc__.strip().splitlines()[0], default_out="runs/nat_vs_full",
-                  default_steps=12))
+    sys.exit(main(ARMS, description=__doc__.strip().splitlines()[0], default_out="runs/nat_vs_full", default_steps=12))

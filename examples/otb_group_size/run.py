@@ -28,5 +28,12 @@ ARMS = [
 
 if __name__ == "__main__":
     # base overrides come before the command line's, so `train.prompts_per_step=4` still wins
-    sys.exit(main(ARMS, description=__doc__.strip().splitlines()[0], default_out="runs/otb_group_size",
-                  default_steps=10, base_overrides=["train.prompts_per_step=2"]))
+    sys.exit(
+        main(
+            ARMS,
+            description=__doc__.strip().splitlines()[0],
+            default_out="runs/otb_group_size",
+            default_steps=10,
+            base_overrides=["train.prompts_per_step=2"],
+        )
+    )

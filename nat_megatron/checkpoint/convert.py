@@ -85,27 +85,25 @@ def full_logits(chunks: list, tokens: torch.Tensor, vocab_size: int) -> torch.Te
         c.eval()
     mb = MicroBatch(tokens=tokens, targets=tokens, count=0)
     zero = lambda stats, _mb: (stats["logprobs"].sum() * 0, 0)  # noqa: E731
-    outs = forward_backward(chunks, [mb], zero, vocab_size=vocab_size, forward_only=True,
-                            keep_logits=True)
+    outs = forward_backward(chunks, [mb], zero, vocab_size=vocab_size, forward_only=True, keep_logits=True)
     full = torch.zeros(*tokens.shape, vocab_size)
-    if outs and parallel_state.get_tensor_model_parallel_rank() == 0 \
-            and parallel_state.get_data_parallel_rank() == 0:
+    if outs and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
         idx = mb.for_cp_rank().position_ids()[0]
         full[:, idx] = outs[0]["logits"].float().cpu()[:, : len(idx)]
     dist.all_reduce(full)  # exactly one rank per position contributes
     return full if dist.get_rank() == 0 else None
 
 
-def verify(hf_dir: str, mcore_dir: str, layout: Layout, *, batch: int = 2, seq_len: int = 64,
-           seed: int = 0) -> dict | None:
+def verify(
+    hf_dir: str, mcore_dir: str, layout: Layout, *, batch: int = 2, seq_len: int = 64, seed: int = 0
+) -> dict | None:
     """Collective: max |logit difference| between the HF model and the Megatron checkpoint."""
     meta = Path(mcore_dir) / HF_SUBDIR
     arch = ModelArch.from_hf_dir(meta if meta.is_dir() else hf_dir)
     if ModelArch.from_hf_dir(hf_dir) != arch:
         raise ValueError(f"--hf {hf_dir} and --mcore {mcore_dir} describe different models")
     seq_len = -(-seq_len // layout.seq_multiple) * layout.seq_multiple
-    tokens = torch.randint(0, arch.vocab_size, (batch, seq_len),
-                           generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     init_distributed(layout)
     chunks = build_model(arch, layout, dtype=torch.float32)
     load_checkpoint(mcore_dir, chunks)
@@ -117,7 +115,6 @@ def verify(hf_dir: str, mcore_dir: str, layout: Layout, *, batch: int = 2, seq_l
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf(tokens).logits.float()
-        result = {"max_abs_logit_diff": (got - ref).abs().max().item(),
-                  "tp": layout.tp, "pp": layout.pp}
+        result = {"max_abs_logit_diff": (got - ref).abs().max().item(), "tp": layout.tp, "pp": layout.pp}
     shutdown()
     return result

@@ -26,8 +26,16 @@ from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 
 from nat_megatron.checkpoint.gather import unwrap
 from nat_megatron.checkpoint.integrity import (
-    COMPLETE_MARK, LATEST, checkpoint_files, complete_checkpoints, fsync_dir, hash_share,
-    prune, verify_share, write_manifest, write_pointer)
+    COMPLETE_MARK,
+    checkpoint_files,
+    complete_checkpoints,
+    fsync_dir,
+    hash_share,
+    prune,
+    verify_share,
+    write_manifest,
+    write_pointer,
+)
 
 RUN_META = "run.json"  # the resolved config and dataset fingerprint: plain JSON, read before any load
 # Fault injection for the kill-during-save test (tests/train/test_kill_resume.py): with this set
@@ -57,10 +65,16 @@ def _rng_object() -> ShardedObject:
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     ps = parallel_state
-    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_context_parallel_world_size())
-    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-              ps.get_context_parallel_rank())
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_context_parallel_rank(),
+    )
     return ShardedObject("rng_state", state, shape, offset, replica_id=ps.get_data_parallel_rank())
 
 
@@ -107,8 +121,9 @@ def _writer_manager_init() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
-                    extra: dict | None = None, meta: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path, chunks: list, *, optimizer=None, extra: dict | None = None, meta: dict | None = None
+) -> Path:
     """Save model (+ optimizer, RNG, `extra` trainer state) atomically as `path`, with `meta`
     (JSON) as run.json and a manifest of every file."""
     _writer_results_dies_with_rank()
@@ -120,8 +135,7 @@ def save_checkpoint(path: str | Path, chunks: list, *, optimizer=None,
     dist.barrier()
     state = _model_state(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(_model_state(chunks),
-                                                          metadata=OPTIMIZER_FORMAT)
+        state["optimizer"] = optimizer.sharded_state_dict(_model_state(chunks), metadata=OPTIMIZER_FORMAT)
         state["rng_state"] = _rng_object()
         state["adam_steps"] = _adam_steps(optimizer)
     state["extra"] = extra or {}
@@ -155,8 +169,9 @@ def _write_manifest(partial: Path, meta: dict | None) -> None:
     dist.barrier()
 
 
-def mark_latest(root: str | Path, name: str, *, keep_last: int | None = None,
-                protect: tuple[Path | None, ...] = ()) -> None:
+def mark_latest(
+    root: str | Path, name: str, *, keep_last: int | None = None, protect: tuple[Path | None, ...] = ()
+) -> None:
     """Point root/latest at root/name (atomically, synced), then delete the complete
     checkpoints beyond the keep_last highest steps, never root/name nor one in `protect`."""
     root = Path(root)
@@ -189,8 +204,10 @@ def verify_checkpoint(path: str | Path) -> None:
         problems = [p for share in shares for p in share]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"checkpoint {path} fails its manifest check: {'; '.join(problems[:3])}{more}; "
-                              "it is not loaded (a checkpoint is trusted input): resume from another one")
+        raise CheckpointError(
+            f"checkpoint {path} fails its manifest check: {'; '.join(problems[:3])}{more}; "
+            "it is not loaded (a checkpoint is trusted input): resume from another one"
+        )
 
 
 def _check_against_metadata(path: Path, state: dict) -> None:
@@ -199,13 +216,16 @@ def _check_against_metadata(path: Path, state: dict) -> None:
     for item in _leaves(state):
         if isinstance(item, ShardedTensor):
             if item.key not in stored:
-                raise ValueError(f"checkpoint {path} has no tensor {item.key!r}: it was saved from "
-                                 "another model (check config.json / the model preset)")
+                raise ValueError(
+                    f"checkpoint {path} has no tensor {item.key!r}: it was saved from "
+                    "another model (check config.json / the model preset)"
+                )
             if tuple(stored[item.key].global_shape) != tuple(item.global_shape):
                 raise ValueError(
                     f"checkpoint {path}: tensor {item.key!r} has shape "
                     f"{tuple(stored[item.key].global_shape)}, the model expects "
-                    f"{tuple(item.global_shape)}: the checkpoint belongs to another model size")
+                    f"{tuple(item.global_shape)}: the checkpoint belongs to another model size"
+                )
 
 
 def _leaves(obj):
@@ -236,14 +256,19 @@ def _ensure_adam_state(optimizer) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+                    inner.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p),
+                    }
 
 
 def _adam_steps(optimizer) -> list[float]:
     """Each torch Adam's step count (the same for all its parameters)."""
-    return [max((float(st["step"]) for st in inner.state.values() if "step" in st), default=0.0)
-            for inner in _torch_adams(optimizer)]
+    return [
+        max((float(st["step"]) for st in inner.state.values() if "step" in st), default=0.0)
+        for inner in _torch_adams(optimizer)
+    ]
 
 
 def _restore_adam_steps(optimizer, steps: list[float]) -> None:
@@ -259,8 +284,9 @@ def _restore_adam_steps(optimizer, steps: list[float]) -> None:
             state["step"] = torch.tensor(float(step))
 
 
-def load_checkpoint(path: str | Path, chunks: list, *, optimizer=None, load_rng: bool = True,
-                    verify: bool = True) -> dict:
+def load_checkpoint(
+    path: str | Path, chunks: list, *, optimizer=None, load_rng: bool = True, verify: bool = True
+) -> dict:
     """Load weights (any layout), and optimizer + RNG when given/asked; returns `extra`.
     The files are checked against the manifest first (CheckpointError on a mismatch)."""
     path = Path(path)
@@ -272,8 +298,9 @@ def load_checkpoint(path: str | Path, chunks: list, *, optimizer=None, load_rng:
     _check_against_metadata(path, state)
     if optimizer is not None:
         _ensure_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(_model_state(chunks), is_loading=True,
-                                                          metadata=OPTIMIZER_FORMAT)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            _model_state(chunks), is_loading=True, metadata=OPTIMIZER_FORMAT
+        )
         if load_rng:
             state["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(state, str(path))

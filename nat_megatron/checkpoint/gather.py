@@ -38,9 +38,11 @@ def gather_full(chunks: list, *, grads: bool = False) -> dict[str, torch.Tensor]
                 dist.all_gather(parts, t, group=tp_group)
                 t = tp_unshard(name, parts, partition_dim(param))
             local[global_name(model, name)] = t.float().cpu()
-    first_of_replica = (parallel_state.get_tensor_model_parallel_rank() == 0
-                        and parallel_state.get_data_parallel_rank() == 0
-                        and parallel_state.get_context_parallel_rank() == 0)
+    first_of_replica = (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local if first_of_replica else None)
     if dist.get_rank() != 0:

@@ -21,7 +21,7 @@ head then its value head; TP shards split that along dim 0 (whole groups per ran
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -48,8 +48,12 @@ def megatron_names(arch: ModelArch) -> list[str]:
             names.append(p + "self_attention.linear_qkv.bias")
         if arch.qk_norm:
             names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
-        names += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight",
-                  p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+        names += [
+            p + "self_attention.linear_proj.weight",
+            p + "pre_mlp_layernorm.weight",
+            p + "mlp.linear_fc1.weight",
+            p + "mlp.linear_fc2.weight",
+        ]
     names.append("decoder.final_layernorm.weight")
     if not arch.tie_embeddings:
         names.append("output_layer.weight")
@@ -121,8 +125,7 @@ def from_megatron(arch: ModelArch, name: str, full: torch.Tensor) -> dict[str, t
     return {hf_names[0]: full}
 
 
-def tp_shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int,
-             tp_size: int) -> torch.Tensor:
+def tp_shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This TP rank's slice of a full Megatron tensor, laid out like `param`."""
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
         return full
@@ -161,8 +164,7 @@ def global_name(chunk: torch.nn.Module, local_name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
-def load_hf_weights(chunks: list[torch.nn.Module], arch: ModelArch,
-                    read: Callable[[str], torch.Tensor]) -> None:
+def load_hf_weights(chunks: list[torch.nn.Module], arch: ModelArch, read: Callable[[str], torch.Tensor]) -> None:
     """Fill this rank's model chunks from HF tensors; `read(hf_name)` returns one tensor.
 
     Reads only the tensors this rank needs, one at a time, so memory stays at one shard.

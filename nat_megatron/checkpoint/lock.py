@@ -53,7 +53,7 @@ class DirLock:
         self.owner = _me()
         self.taken_over: dict | None = None
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         """Create the lock file, taking over a stale one; ValueError naming a live holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
@@ -91,12 +91,16 @@ class DirLock:
 
     def _busy(self, holder: dict | None) -> str:
         if holder is None:
-            return (f"checkpoint.dir: {self.path.parent} is locked by an unreadable lock file {self.path}; "
-                    "if no other job uses this directory, delete that file")
+            return (
+                f"checkpoint.dir: {self.path.parent} is locked by an unreadable lock file {self.path}; "
+                "if no other job uses this directory, delete that file"
+            )
         job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-        return (f"checkpoint.dir: {self.path.parent} is in use by pid {holder.get('pid')} on host "
-                f"{holder.get('host')}{job} (lock file {self.path}); give this job another checkpoint.dir, "
-                "or stop that job (delete the lock file only if that job is gone)")
+        return (
+            f"checkpoint.dir: {self.path.parent} is in use by pid {holder.get('pid')} on host "
+            f"{holder.get('host')}{job} (lock file {self.path}); give this job another checkpoint.dir, "
+            "or stop that job (delete the lock file only if that job is gone)"
+        )
 
     def release(self) -> None:
         """Remove the lock file if it is still ours."""

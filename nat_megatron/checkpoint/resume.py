@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,11 +30,28 @@ from nat_megatron.checkpoint.integrity import COMPLETE_MARK, complete_checkpoint
 # Config keys whose change alters what the run computes. The others (train.steps, checkpoint.*,
 # telemetry.*, eval.*, parallel.* since checkpoints are layout-independent, reward.timeout,
 # rollout engine layout and memory) may change between submissions of one run.
-MEANING_KEYS = ("model", "data", "nat", "loss", "advantage", "optim", "reward.name", "reward.bingo",
-                "reward.overlong_buffer", "reward.overlong_penalty", "rollout.group_size",
-                "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens", "rollout.filter_groups",
-                "rollout.max_resample", "train.prompts_per_step", "train.seed", "train.mini_batches",
-                "train.epochs")
+MEANING_KEYS = (
+    "model",
+    "data",
+    "nat",
+    "loss",
+    "advantage",
+    "optim",
+    "reward.name",
+    "reward.bingo",
+    "reward.overlong_buffer",
+    "reward.overlong_penalty",
+    "rollout.group_size",
+    "rollout.temperature",
+    "rollout.top_p",
+    "rollout.max_new_tokens",
+    "rollout.filter_groups",
+    "rollout.max_resample",
+    "train.prompts_per_step",
+    "train.seed",
+    "train.mini_batches",
+    "train.epochs",
+)
 # Switches that only say what a resume may accept.
 _NEVER_COMPARED = ("data.allow_changed",)
 
@@ -71,8 +89,10 @@ def check_run(path: Path, meta: dict | None, *, config: dict, fingerprint: str |
     """ValueError when `path` was saved by a run of another meaning or on another dataset,
     unless checkpoint.allow_config_change / data.allow_changed say to accept it (warning)."""
     if meta is None:
-        raise ValueError(f"checkpoint.resume: {path} has no run.json: it was not saved by the RL trainer "
-                         "(a converted checkpoint?); load its weights through model.hf_dir instead")
+        raise ValueError(
+            f"checkpoint.resume: {path} has no run.json: it was not saved by the RL trainer "
+            "(a converted checkpoint?); load its weights through model.hf_dir instead"
+        )
     config = json.loads(json.dumps(config, default=str))  # compared as saved: tuples as lists
     allow_config = config["checkpoint"].get("allow_config_change", False)
     allow_data = config["data"].get("allow_changed", False)
@@ -82,16 +102,20 @@ def check_run(path: Path, meta: dict | None, *, config: dict, fingerprint: str |
         now = flatten(config)
         detail = ", ".join(f"{k}: {stored.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed[:8])
         if not allow_config:
-            raise ValueError(f"checkpoint.allow_config_change: resuming {path} with a config that changes the "
-                             f"run's meaning ({detail}); use the saved values, another checkpoint.dir, or set "
-                             "checkpoint.allow_config_change=true to resume anyway")
+            raise ValueError(
+                f"checkpoint.allow_config_change: resuming {path} with a config that changes the "
+                f"run's meaning ({detail}); use the saved values, another checkpoint.dir, or set "
+                "checkpoint.allow_config_change=true to resume anyway"
+            )
         warn(f"resuming {path} with changed keys (checkpoint.allow_config_change=true): {detail}")
     saved = meta.get("data_fingerprint")
     if saved is not None and fingerprint is not None and saved != fingerprint:
         if not allow_data:
-            raise ValueError(f"data.allow_changed: the dataset differs from the one {path} was trained on "
-                             f"(fingerprint {saved} then, {fingerprint} now); point data.path at the original "
-                             "data, or set data.allow_changed=true to continue on the new data")
+            raise ValueError(
+                f"data.allow_changed: the dataset differs from the one {path} was trained on "
+                f"(fingerprint {saved} then, {fingerprint} now); point data.path at the original "
+                "data, or set data.allow_changed=true to continue on the new data"
+            )
         warn(f"dataset changed since {path} (fingerprint {saved} -> {fingerprint}); data.allow_changed=true")
 
 
@@ -112,9 +136,14 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def resume_checkpoint(root: str | Path, explicit: str | Path | None, chunks: list, *, optimizer=None,
-                      check: Callable[[Path, dict | None], None] = lambda path, meta: None,
-                      ) -> tuple[Path, dict] | None:
+def resume_checkpoint(
+    root: str | Path,
+    explicit: str | Path | None,
+    chunks: list,
+    *,
+    optimizer=None,
+    check: Callable[[Path, dict | None], None] = lambda path, meta: None,
+) -> tuple[Path, dict] | None:
     """Collective: load the checkpoint to resume from; returns (path, extra) or None for none.
 
     explicit: that checkpoint only (any failure is an error); else the complete checkpoints
@@ -124,8 +153,10 @@ def resume_checkpoint(root: str | Path, explicit: str | Path | None, chunks: lis
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not (path / COMPLETE_MARK).is_file():
-            raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE_MARK}); "
-                             "give a step_NNNNNN directory that a finished save wrote, or 'auto'")
+            raise ValueError(
+                f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE_MARK}); "
+                "give a step_NNNNNN directory that a finished save wrote, or 'auto'"
+            )
         candidates = [path]
     else:
         root = Path(root)
@@ -156,7 +187,9 @@ def resume_checkpoint(root: str | Path, explicit: str | Path | None, chunks: lis
         warn(f"{path} failed to load ({error or 'on another rank'}); trying the previous complete checkpoint")
         failures.append(str(path))
     if failures:
-        raise ValueError(f"checkpoint.dir: none of the complete checkpoints under {root} can be resumed from "
-                         f"({', '.join(failures)}; see the warnings above); move them away to start afresh, "
-                         "or set checkpoint.resume to one that loads")
+        raise ValueError(
+            f"checkpoint.dir: none of the complete checkpoints under {root} can be resumed from "
+            f"({', '.join(failures)}; see the warnings above); move them away to start afresh, "
+            "or set checkpoint.resume to one that loads"
+        )
     return None

@@ -10,17 +10,50 @@ the ones after, so the two never share a question.
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from nat_megatron.data.layouts import Example
 
-NAMES = ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Jack", "Sara",
-         "Noah", "Lily", "Max", "Zoe", "Omar", "Nina", "Ivan", "Rosa", "Paul", "Kate")
+NAMES = (
+    "Tom",
+    "Anna",
+    "Ben",
+    "Lucy",
+    "Sam",
+    "Mia",
+    "Leo",
+    "Emma",
+    "Jack",
+    "Sara",
+    "Noah",
+    "Lily",
+    "Max",
+    "Zoe",
+    "Omar",
+    "Nina",
+    "Ivan",
+    "Rosa",
+    "Paul",
+    "Kate",
+)
 # (singular, plural)
-ITEMS = (("apple", "apples"), ("pencil", "pencils"), ("marble", "marbles"), ("cookie", "cookies"),
-         ("sticker", "stickers"), ("book", "books"), ("orange", "oranges"), ("card", "cards"),
-         ("shell", "shells"), ("balloon", "balloons"), ("candy", "candies"), ("toy car", "toy cars"),
-         ("egg", "eggs"), ("flower", "flowers"), ("coin", "coins"))
+ITEMS = (
+    ("apple", "apples"),
+    ("pencil", "pencils"),
+    ("marble", "marbles"),
+    ("cookie", "cookies"),
+    ("sticker", "stickers"),
+    ("book", "books"),
+    ("orange", "oranges"),
+    ("card", "cards"),
+    ("shell", "shells"),
+    ("balloon", "balloons"),
+    ("candy", "candies"),
+    ("toy car", "toy cars"),
+    ("egg", "eggs"),
+    ("flower", "flowers"),
+    ("coin", "coins"),
+)
 
 Template = Callable[[random.Random, str, str, str, str], tuple[str, int]]
 
@@ -43,34 +76,39 @@ def _mul(r, n, m, item, items):
 
 def _div(r, n, m, item, items):
     a, b = r.randint(2, 5), r.randint(2, 5)
-    return (f"{n} shares {a * b} {items} equally among {a} friends. "
-            f"How many {items} does each friend get?"), b
+    return (f"{n} shares {a * b} {items} equally among {a} friends. How many {items} does each friend get?"), b
 
 
 def _add_sub(r, n, m, item, items):
     a, b = r.randint(2, 9), r.randint(2, 9)
     c = r.randint(1, 5)
-    return (f"{n} has {a} {items}. {n} gets {b} more and then gives {c} to {m}. "
-            f"How many {items} does {n} have now?"), a + b - c
+    return (
+        f"{n} has {a} {items}. {n} gets {b} more and then gives {c} to {m}. How many {items} does {n} have now?"
+    ), a + b - c
 
 
 def _mul_add(r, n, m, item, items):
     a, b, c = r.randint(2, 4), r.randint(2, 5), r.randint(1, 5)
-    return (f"{n} has {a} boxes with {b} {items} in each box and {c} more {items} on the table. "
-            f"How many {items} does {n} have in all?"), a * b + c
+    return (
+        f"{n} has {a} boxes with {b} {items} in each box and {c} more {items} on the table. "
+        f"How many {items} does {n} have in all?"
+    ), a * b + c
 
 
 def _change(r, n, m, item, items):
     a, b = r.randint(1, 3), r.randint(2, 3)
     dollars = "dollar" if a == 1 else "dollars"
-    return (f"One {item} costs {a} {dollars}. {n} buys {b} {items} and pays with a 10 dollar bill. "
-            f"How many dollars of change does {n} get?"), 10 - a * b
+    return (
+        f"One {item} costs {a} {dollars}. {n} buys {b} {items} and pays with a 10 dollar bill. "
+        f"How many dollars of change does {n} get?"
+    ), 10 - a * b
 
 
 def _together(r, n, m, item, items):
     a, b = r.randint(2, 9), r.randint(1, 5)
-    return (f"{n} has {a} {items}. {m} has {b} more {items} than {n}. "
-            f"How many {items} do {n} and {m} have together?"), a + (a + b)
+    return (
+        f"{n} has {a} {items}. {m} has {b} more {items} than {n}. How many {items} do {n} and {m} have together?"
+    ), a + (a + b)
 
 
 ONE_STEP: tuple[Template, ...] = (_add, _sub, _mul, _div)
@@ -93,8 +131,9 @@ def _stream(seed: int) -> Iterator[tuple[str, int]]:
             yield question, answer
 
 
-def arithmetic_examples(split: str = "train", *, size: int | None = None, seed: int = 0,
-                        test_size: int = 256) -> list[Example]:
+def arithmetic_examples(
+    split: str = "train", *, size: int | None = None, seed: int = 0, test_size: int = 256
+) -> list[Example]:
     """`size` problems of `split` ("train": 4096 by default, "test": `test_size`)."""
     if split not in ("train", "test"):
         raise ValueError(f"embedded dataset split must be 'train' or 'test', got {split!r}")

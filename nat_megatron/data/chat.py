@@ -8,8 +8,9 @@ tokens, so it is tokenized with add_special_tokens=False (no second BOS).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from nat_megatron.data.layouts import Example
 
@@ -36,9 +37,13 @@ def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = DEF
     )
 
 
-def template_examples(examples: Sequence[Example], tokenizer: Any, *,
-                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                      max_prompt_tokens: int | None = None) -> tuple[list[Example], Counter]:
+def template_examples(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    max_prompt_tokens: int | None = None,
+) -> tuple[list[Example], Counter]:
     """Fill `prompt` and `prompt_ids`; drop prompts over `max_prompt_tokens` (counted as too_long)."""
     if max_prompt_tokens is not None and max_prompt_tokens <= 0:
         raise ValueError(f"max_prompt_tokens must be > 0 or None, got {max_prompt_tokens}")

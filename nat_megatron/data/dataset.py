@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nat_megatron.data.arithmetic import arithmetic_examples
 from nat_megatron.data.chat import DEFAULT_SYSTEM_PROMPT, template_examples
@@ -89,8 +90,13 @@ class PromptDataset:
         return digest.hexdigest()[:16]
 
 
-def read_examples(path: str | Path, layout: str = "auto", limit: int | None = None, *,
-                  answer_check: Callable[[str], str | None] | None = None) -> PromptDataset:
+def read_examples(
+    path: str | Path,
+    layout: str = "auto",
+    limit: int | None = None,
+    *,
+    answer_check: Callable[[str], str | None] | None = None,
+) -> PromptDataset:
     """Examples of a JSONL/Parquet file (no templating); bad rows skipped, counted and listed.
 
     answer_check(answer) -> None, or the reason the reward cannot use that reference answer.
@@ -98,8 +104,11 @@ def read_examples(path: str | Path, layout: str = "auto", limit: int | None = No
     path = Path(path).expanduser()
     rows = read_rows(path)
     head = list(itertools.islice(rows, DETECT_ROWS))
-    chosen = get_layout(layout) if layout != "auto" else detect_layout(
-        [r for _, r in head if not isinstance(r, InvalidRow)], str(path))
+    chosen = (
+        get_layout(layout)
+        if layout != "auto"
+        else detect_layout([r for _, r in head if not isinstance(r, InvalidRow)], str(path))
+    )
     examples, skipped, problems, seen = [], Counter(), [], set()
     for number, row in itertools.chain(head, rows):
         if limit is not None and len(examples) >= limit:
@@ -120,7 +129,8 @@ def read_examples(path: str | Path, layout: str = "auto", limit: int | None = No
     if not examples:
         raise ValueError(
             f"data.path: no usable rows in {path} with layout {chosen.name!r} (fields {chosen.prompt_field!r}, "
-            f"{chosen.answer_field!r}); skipped: {dict(skipped)}. Check data.layout and the file's fields, or point data.path at another file"
+            f"{chosen.answer_field!r}); skipped: {dict(skipped)}. Check data.layout and the file's fields, "
+            "or point data.path at another file"
         )
     return PromptDataset(examples, source=str(path), layout=chosen.name, skipped=skipped, problems=problems)
 
@@ -135,19 +145,20 @@ def load_dataset(config: DatasetConfig, tokenizer: Any | None = None, *, reward:
         answer_check = answer_check_of(reward)
     if config.path is None:
         examples = arithmetic_examples(config.split, size=config.size, seed=config.seed)
-        dataset = PromptDataset(examples[: config.limit], source=f"embedded:arithmetic/{config.split}",
-                                layout="generic")
+        dataset = PromptDataset(
+            examples[: config.limit], source=f"embedded:arithmetic/{config.split}", layout="generic"
+        )
     else:
         dataset = read_examples(config.path, config.layout, config.limit, answer_check=answer_check)
     if tokenizer is None:
         return dataset
-    kept, dropped = template_examples(dataset.examples, tokenizer, system_prompt=config.system_prompt,
-                                      max_prompt_tokens=config.max_prompt_tokens)
+    kept, dropped = template_examples(
+        dataset.examples, tokenizer, system_prompt=config.system_prompt, max_prompt_tokens=config.max_prompt_tokens
+    )
     skipped = dataset.skipped + dropped
     if not kept:
         raise ValueError(
             f"all {len(dataset)} prompts of {dataset.source} are longer than "
             f"max_prompt_tokens={config.max_prompt_tokens} tokens; raise data.max_prompt_tokens"
         )
-    return PromptDataset(kept, source=dataset.source, layout=dataset.layout, skipped=skipped,
-                         problems=dataset.problems)
+    return PromptDataset(kept, source=dataset.source, layout=dataset.layout, skipped=skipped, problems=dataset.problems)

@@ -9,7 +9,8 @@ continues with exactly the batch that would have come next.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class DataIterator:
@@ -60,8 +61,14 @@ class DataIterator:
 
     def state_dict(self) -> dict:
         """Position to store in a checkpoint (plain ints/bools, JSON-serialisable)."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "shuffle": self.shuffle, "num_examples": len(self.dataset), "fingerprint": self.fingerprint}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_examples": len(self.dataset),
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict, *, allow_changed: bool = False) -> None:
         """Continue from `state`; ValueError if it was taken on a different dataset or seed.

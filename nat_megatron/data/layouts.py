@@ -17,8 +17,9 @@ A row that cannot be used yields a reason string instead of an Example; callers 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from nat_megatron.rewards.extract import last_boxed
 
@@ -88,7 +89,7 @@ def detect_layout(rows: list[Any], source: str) -> Layout:
         for layout in LAYOUTS.values():
             if layout.prompt_field in row and layout.answer_field in row:
                 return layout
-    expected = "; ".join(f"{l.name}: {l.prompt_field!r}+{l.answer_field!r}" for l in LAYOUTS.values())
+    expected = "; ".join(f"{lay.name}: {lay.prompt_field!r}+{lay.answer_field!r}" for lay in LAYOUTS.values())
     raise ValueError(
         f"cannot detect the field layout of {source} from its first {len(rows)} rows; rows need "
         f"one of these field pairs ({expected}), or set layout explicitly"

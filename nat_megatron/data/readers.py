@@ -9,9 +9,10 @@ recursion limit) and line_too_long (over MAX_LINE_BYTES, skipped without being h
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -79,8 +80,10 @@ def read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
                 number += 1
                 yield number, row
     except (pa.ArrowException, OSError) as e:  # a damaged file: the rows after `number` are lost
-        raise ValueError(f"data.path: {path} is not a readable Parquet file after row {number} "
-                         f"({type(e).__name__}: {e}); re-download or convert it") from None
+        raise ValueError(
+            f"data.path: {path} is not a readable Parquet file after row {number} "
+            f"({type(e).__name__}: {e}); re-download or convert it"
+        ) from None
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -93,6 +96,4 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         return read_jsonl(path)
     if suffix in PARQUET_SUFFIXES:
         return read_parquet(path)
-    raise ValueError(
-        f"cannot read {path}: unknown suffix {suffix!r}; use one of {JSONL_SUFFIXES + PARQUET_SUFFIXES}"
-    )
+    raise ValueError(f"cannot read {path}: unknown suffix {suffix!r}; use one of {JSONL_SUFFIXES + PARQUET_SUFFIXES}")

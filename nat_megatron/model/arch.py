@@ -45,8 +45,15 @@ class ModelArch:
                 f"model family (config.json 'model_type') {self.family!r} is not supported; "
                 f"use one of {SUPPORTED_FAMILIES}"
             )
-        for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -76,7 +83,7 @@ class ModelArch:
         return asdict(self)
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArch":
+    def from_hf_config(cls, cfg: dict) -> ModelArch:
         """Build from a parsed HF config.json; unsupported options raise a ValueError."""
         family = cfg.get("model_type")
         if family not in SUPPORTED_FAMILIES:
@@ -96,8 +103,7 @@ class ModelArch:
             if kind == "default":
                 pass
             elif kind == "llama3":
-                expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 8192}
+                expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
                 for key, val in expected.items():
                     if float(rope_scaling.get(key, val)) != val:
                         raise ValueError(
@@ -107,8 +113,7 @@ class ModelArch:
                 factor = float(rope_scaling["factor"])
             else:
                 raise ValueError(
-                    f"config.json rope_scaling type {kind!r} is not supported; "
-                    "supported: none, 'default', 'llama3'"
+                    f"config.json rope_scaling type {kind!r} is not supported; supported: none, 'default', 'llama3'"
                 )
         if family == "qwen2":
             qkv_bias = True
@@ -136,7 +141,7 @@ class ModelArch:
         )
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "ModelArch":
+    def from_hf_dir(cls, path: str | Path) -> ModelArch:
         cfg_file = Path(path) / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"no config.json in {path}: pass a Hugging Face model directory")

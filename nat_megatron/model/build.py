@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -30,7 +31,6 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from nat_megatron.model.arch import ModelArch
 from nat_megatron.model.layers import RMSNorm, SDPAttention
@@ -54,7 +54,12 @@ def layer_spec(arch: ModelArch, backend: str) -> ModuleSpec:
     """The transformer-layer spec: pre-norm attention and SwiGLU MLP."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TEDotProductAttention, TENorm, TERowParallelLinear)
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+
         col, row, attn, norm = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm
     else:
         col, row, attn, norm = ColumnParallelLinear, RowParallelLinear, SDPAttention, RMSNorm
@@ -67,8 +72,11 @@ def layer_spec(arch: ModelArch, backend: str) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=col, core_attention=attn, linear_proj=row,
-                    q_layernorm=qk_norm, k_layernorm=qk_norm,
+                    linear_qkv=col,
+                    core_attention=attn,
+                    linear_proj=row,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -85,8 +93,9 @@ def layer_spec(arch: ModelArch, backend: str) -> ModuleSpec:
     )
 
 
-def transformer_config(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.float32,
-                       fp8: str | None = None, **overrides) -> TransformerConfig:
+def transformer_config(
+    arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.float32, fp8: str | None = None, **overrides
+) -> TransformerConfig:
     """Megatron TransformerConfig for this architecture and layout (no fused CUDA kernels on CPU).
 
     fp8: a Megatron-Core fp8_recipe (delayed, tensorwise, blockwise, mxfp8; parallel.layout's
@@ -147,9 +156,16 @@ def transformer_config(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = 
     return TransformerConfig(**kwargs)
 
 
-def build_model(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.float32,
-                seq_len: int | None = None, fp8: str | None = None, backend: str | None = None,
-                **config_overrides) -> list[SelectiveGPTModel]:
+def build_model(
+    arch: ModelArch,
+    layout: Layout,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seq_len: int | None = None,
+    fp8: str | None = None,
+    backend: str | None = None,
+    **config_overrides,
+) -> list[SelectiveGPTModel]:
     """The model chunks this rank holds (one per virtual pipeline stage).
 
     parallel_state must already be initialised for `layout` (see parallel.distributed).
@@ -158,16 +174,17 @@ def build_model(arch: ModelArch, layout: Layout, *, dtype: torch.dtype = torch.f
     """
     backend = backend or attention_backend()
     if backend not in ("te", "sdpa") or (backend == "te" and attention_backend() != "te"):
-        raise ValueError(f"backend={backend!r}: use 'sdpa', or 'te' where Transformer Engine "
-                         "and a GPU are present")
+        raise ValueError(f"backend={backend!r}: use 'sdpa', or 'te' where Transformer Engine and a GPU are present")
     if fp8 is not None and backend == "sdpa" and attention_backend() == "te":
-        raise ValueError(f"model.fp8={fp8!r} runs on the Transformer Engine backend; build with "
-                         "backend='te' (the default here)")
+        raise ValueError(
+            f"model.fp8={fp8!r} runs on the Transformer Engine backend; build with backend='te' (the default here)"
+        )
     if fp8 is not None and backend != "te":
         raise ValueError(
             f"model.fp8={fp8!r} needs Transformer Engine on a CUDA GPU, and this process has "
             f"{'no GPU' if not torch.cuda.is_available() else 'no usable transformer_engine'}; "
-            "install it with `make venv-gpu` on a GPU machine, or set model.fp8=null")
+            "install it with `make venv-gpu` on a GPU machine, or set model.fp8=null"
+        )
     if fp8 is not None and fp8 not in FP8_ALIGN:
         raise ValueError(f"model.fp8: use one of {tuple(FP8_ALIGN)} or null, got {fp8!r}")
     validate_layout(arch, layout, world_size=torch.distributed.get_world_size(), seq_len=seq_len)

@@ -28,7 +28,7 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -82,15 +82,24 @@ def cp_chunk_positions(local_len: int, cp_rank: int, cp_size: int, device=None) 
 class SDPAttention(MegatronModule):
     """Causal core attention over [s, b, heads, dim] tensors, with GQA and context parallel."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
-        self.softmax_scale = softmax_scale or config.kv_channels ** -0.5
+        self.softmax_scale = softmax_scale or config.kv_channels**-0.5
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAttention takes padded batches without attention bias")
         # [s, b, h, d] -> [b, h, s, d]
@@ -100,7 +109,12 @@ class SDPAttention(MegatronModule):
             k, v, q_pos, k_pos = _keys_over_cp(k, v)
             mask, causal = q_pos[:, None] >= k_pos[None, :], False
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=q.shape[1] != k.shape[1],
         )
@@ -127,8 +141,9 @@ def _keys_over_cp(k: torch.Tensor, v: torch.Tensor):
     return k, v, q_pos, k_pos
 
 
-def selected_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             index: torch.Tensor, *, scale: float) -> torch.Tensor:
+def selected_query_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, *, scale: float
+) -> torch.Tensor:
     """Causal attention for the queries at `index` only, over every key (nat.md §2, URS).
 
     query [s, b, heads, d], key/value [s, b, groups, d]: this rank's positions (this CP rank's
@@ -153,6 +168,7 @@ def selected_query_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     q_pos = torch.full((b, k_max), int(k_pos.max()), device=index.device)
     q_pos = q_pos.index_put((rows, slot), q_pos_local[pos])
     mask = q_pos[:, None, :, None] >= k_pos[None, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=heads != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=heads != k.shape[1]
+    )
     return out.transpose(1, 2)[rows, slot].reshape(n, heads * d)

@@ -21,8 +21,9 @@ def _tp_sum(x: torch.Tensor) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(x)
 
 
-def vocab_parallel_token_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, *,
-                               entropy: bool = False, sum_p2: bool = False) -> dict[str, torch.Tensor]:
+def vocab_parallel_token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, *, entropy: bool = False, sum_p2: bool = False
+) -> dict[str, torch.Tensor]:
     """log p(target) for every position, plus optional entropy and sum_v p_v^2.
 
     logits: [..., V_local] (this TP rank's vocabulary slice, fp32 or lower);
@@ -40,8 +41,7 @@ def vocab_parallel_token_stats(logits: torch.Tensor, targets: torch.Tensor, voca
     with torch.no_grad():
         zmax = z.max(dim=-1).values
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(zmax, op=dist.ReduceOp.MAX,
-                            group=parallel_state.get_tensor_model_parallel_group())
+            dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
     shifted = z - zmax.unsqueeze(-1)
     exp = shifted.exp()
     sum_exp = _tp_sum(exp.sum(dim=-1))

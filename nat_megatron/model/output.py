@@ -52,8 +52,7 @@ def positions_to_index(mask: torch.Tensor) -> torch.Tensor:
     return mask.t().reshape(-1).nonzero().squeeze(-1)
 
 
-def scatter_positions(values: torch.Tensor, index: torch.Tensor, batch: int, seq: int
-                      ) -> torch.Tensor:
+def scatter_positions(values: torch.Tensor, index: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     """Inverse of indexing with `positions_to_index`: [k, ...] -> [b, s, ...], zeros elsewhere.
 
     Differentiable in `values` (index_copy), so per-position losses can use the [b, s] layout.
@@ -83,18 +82,20 @@ class SelectiveGPTModel(GPTModel):
     # on the selected ones (tools/bench_nat.py measures what the last layer adds).
     select_last_layer: bool = True
 
-    def forward(self, input_ids, position_ids, attention_mask, *args, output_index=None,
-                **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, *args, output_index=None, **kwargs):
         decoder = self.decoder
         norm = decoder.final_layernorm
         if output_index is None or not self.post_process or norm is None:
             if output_index is not None and self.post_process and norm is None:
-                raise ValueError("output_index needs a model with a final norm on its last "
-                                 "stage; build it with build_model")
+                raise ValueError(
+                    "output_index needs a model with a final norm on its last stage; build it with build_model"
+                )
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         if self.config.mtp_num_layers:
-            raise ValueError("output_index does not support multi-token prediction; set "
-                             "mtp_num_layers=None or leave output_index unset")
+            raise ValueError(
+                "output_index does not support multi-token prediction; set "
+                "mtp_num_layers=None or leave output_index unset"
+            )
         # The decoder runs every layer but the last, without its final norm; _postprocess runs
         # the last layer, the norm and the output layer on the selected rows. The layer list
         # is shortened (not the layer bypassed) so that full-layer recompute, which replays
@@ -102,8 +103,7 @@ class SelectiveGPTModel(GPTModel):
         layers = decoder.layers
         # Uniform full recompute replays ranges of recompute_num_layers layers; with more than
         # one per range a range could reach the removed last layer: keep it in the decoder.
-        ranges = self.config.recompute_granularity == "full" and (
-            self.config.recompute_num_layers or 1) > 1
+        ranges = self.config.recompute_granularity == "full" and (self.config.recompute_num_layers or 1) > 1
         last = layers[-1] if len(layers) and self.select_last_layer and not ranges else None
         self._selection = (output_index, norm, last)
         decoder.final_layernorm = None
@@ -121,8 +121,7 @@ class SelectiveGPTModel(GPTModel):
 
     def _postprocess(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
         if self._selection is None or not self.post_process:
-            return super()._postprocess(hidden_states, *args, rotary_pos_emb=rotary_pos_emb,
-                                        **kwargs)
+            return super()._postprocess(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
         index, norm, last = self._selection
         k = index.numel()
         index = self._pad_index(index, hidden_states)
@@ -147,8 +146,10 @@ class SelectiveGPTModel(GPTModel):
         k = index.numel()
         k_pad = max(multiple, -(-k // multiple) * multiple)
         if k and int(index.max()) >= s * b:
-            raise ValueError(f"output_index holds position {int(index.max())} but the "
-                             f"micro-batch has only {s * b} (s={s}, b={b}) positions")
+            raise ValueError(
+                f"output_index holds position {int(index.max())} but the "
+                f"micro-batch has only {s * b} (s={s}, b={b}) positions"
+            )
         if k_pad > k:
             fill = index[:1] if k else index.new_zeros(1)
             index = torch.cat([index, fill.expand(k_pad - k)])
@@ -160,8 +161,7 @@ class SelectiveGPTModel(GPTModel):
         (the decoder's [s/tp, b, h] is all-gathered; backward keeps this rank's slice)."""
         sp = self.config.sequence_parallel
         if sp:
-            hidden_states = gather_from_sequence_parallel_region(
-                hidden_states, tensor_parallel_output_grad=False)
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         s, b, h = hidden_states.shape
         rows = hidden_states.reshape(s * b, h).index_select(0, index).unsqueeze(1)
         if sp:  # each TP rank normalises its own k_pad/tp rows; the output layer gathers them
@@ -169,8 +169,9 @@ class SelectiveGPTModel(GPTModel):
         return rows
 
 
-def selected_last_layer(layer, hidden_states: torch.Tensor, index: torch.Tensor,
-                        rotary_pos_emb, select) -> torch.Tensor:
+def selected_last_layer(
+    layer, hidden_states: torch.Tensor, index: torch.Tensor, rotary_pos_emb, select
+) -> torch.Tensor:
     """A transformer layer (pre-norm attention + MLP, Megatron's TransformerLayer with our
     spec's modules) whose outputs are needed at the positions `index` only.
 
@@ -185,6 +186,7 @@ def selected_last_layer(layer, hidden_states: torch.Tensor, index: torch.Tensor,
     context = contextlib.nullcontext()
     if config.fp8:  # the block's FP8 autocast does not cover a layer run from here
         from megatron.core.fp8_utils import get_fp8_context
+
         context = get_fp8_context(config, layer.layer_number - 1)
     with context:
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden_states), None)

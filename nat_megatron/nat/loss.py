@@ -59,56 +59,67 @@ class LossConfig:
     old_logprobs: str = "rollout"  # pi_old: the engine's log-probs, or "recompute"d by the trainer
 
     def __post_init__(self):
-        for name, upper in (("eps_low", 1.0), ("eps_high", math.inf), ("kl_beta", math.inf),
-                            ("entropy_coef", math.inf)):
+        for name, upper in (
+            ("eps_low", 1.0),
+            ("eps_high", math.inf),
+            ("kl_beta", math.inf),
+            ("entropy_coef", math.inf),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-                    0.0 <= value <= upper and math.isfinite(value)):
-                raise ValueError(f"LossConfig.{name}={value!r} must be a finite number in "
-                                 f"[0, {upper}]")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not (0.0 <= value <= upper and math.isfinite(value))
+            ):
+                raise ValueError(f"LossConfig.{name}={value!r} must be a finite number in [0, {upper}]")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; use one of "
-                             f"{KL_ESTIMATORS}")
+            raise ValueError(f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; use one of {KL_ESTIMATORS}")
         if self.old_logprobs not in ("rollout", "recompute"):
-            raise ValueError(f"LossConfig.old_logprobs={self.old_logprobs!r}: use 'rollout' (the "
-                             "engine's log-probs) or 'recompute' (the trainer's, before the update)")
+            raise ValueError(
+                f"LossConfig.old_logprobs={self.old_logprobs!r}: use 'rollout' (the "
+                "engine's log-probs) or 'recompute' (the trainer's, before the update)"
+            )
         for name, low in (("clip_ratio_c", 1.0), ("tis_cap", 0.0)):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                      or not (low < value < math.inf)):
-                raise ValueError(f"LossConfig.{name}={value!r} must be a finite number > {low:g}, or "
-                                 "None (off)")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not (low < value < math.inf)
+            ):
+                raise ValueError(f"LossConfig.{name}={value!r} must be a finite number > {low:g}, or None (off)")
         if self.tis_cap is not None and self.old_logprobs != "recompute":
-            raise ValueError("LossConfig.tis_cap needs the trainer's own pi_old: set "
-                             "old_logprobs='recompute' (the weights are pi_old / pi_rollout)")
+            raise ValueError(
+                "LossConfig.tis_cap needs the trainer's own pi_old: set "
+                "old_logprobs='recompute' (the weights are pi_old / pi_rollout)"
+            )
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"LossConfig.aggregation={self.aggregation!r} is unknown; "
-                             f"use one of {AGGREGATIONS}")
+            raise ValueError(f"LossConfig.aggregation={self.aggregation!r} is unknown; use one of {AGGREGATIONS}")
         k = self.seq_token_sum_constant
         if k is not None:
             if self.aggregation != "seq-mean-token-sum":
-                raise ValueError("LossConfig.seq_token_sum_constant only applies to "
-                                 "aggregation='seq-mean-token-sum'; leave it None")
-            if isinstance(k, bool) or not isinstance(k, numbers.Real) or not (
-                    0.0 < k < math.inf):
-                raise ValueError(f"LossConfig.seq_token_sum_constant={k!r} must be a finite "
-                                 "number > 0 (e.g. the maximum response length)")
+                raise ValueError(
+                    "LossConfig.seq_token_sum_constant only applies to aggregation='seq-mean-token-sum'; leave it None"
+                )
+            if isinstance(k, bool) or not isinstance(k, numbers.Real) or not (0.0 < k < math.inf):
+                raise ValueError(
+                    f"LossConfig.seq_token_sum_constant={k!r} must be a finite "
+                    "number > 0 (e.g. the maximum response length)"
+                )
 
 
-def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std",
-                     eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std", eps: float = 1e-6) -> Tensor:
     """GRPO advantages (r - group mean) / (group std + eps); scale="none" is Dr. GRPO.
 
     Responses of one prompt are contiguous in `rewards` [B]. The std is the unbiased one (as
     in TRL and verl). A group of one is its own baseline: its advantage is 0.
     """
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not (
-            rewards.dtype.is_floating_point):
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not (rewards.dtype.is_floating_point):
         raise ValueError("rewards must be a 1-D floating-point tensor [B]")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or (
-            rewards.numel() % group_size):
-        raise ValueError(f"group_size={group_size!r} must be a positive int dividing the "
-                         f"batch size {rewards.numel()}")
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size < 1
+        or (rewards.numel() % group_size)
+    ):
+        raise ValueError(f"group_size={group_size!r} must be a positive int dividing the batch size {rewards.numel()}")
     if scale not in ("std", "none"):
         raise ValueError(f"scale={scale!r} must be 'std' (GRPO) or 'none' (Dr. GRPO)")
     if not eps > 0:
@@ -140,9 +151,16 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     raise ValueError(f"estimator={estimator!r} is unknown; use one of {KL_ESTIMATORS}")
 
 
-def token_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig,
-                    *, ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
-                    tis_weights: Tensor | None = None):
+def token_objective(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    cfg: LossConfig,
+    *,
+    ref_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    tis_weights: Tensor | None = None,
+):
     """Per-token l_it [B, T], plus the ratio, clip indicator and KL estimate for metrics.
 
     l = w * pg + kl_beta * kl - entropy_coef * entropy, with pg = -min(rho*A, clip(rho)*A)
@@ -169,10 +187,19 @@ def token_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     return loss, ratio, clipped > unclipped, kl
 
 
-def nat_loss_sum(logprobs: Tensor, *, old_logprobs: Tensor, advantages: Tensor,
-                 selection_mask: Tensor, selection_prob: Tensor, lengths: Tensor, cfg: LossConfig,
-                 ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
-                 tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def nat_loss_sum(
+    logprobs: Tensor,
+    *,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    selection_mask: Tensor,
+    selection_prob: Tensor,
+    lengths: Tensor,
+    cfg: LossConfig,
+    ref_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    tis_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Horvitz-Thompson loss SUM of one micro-batch and its metrics (module docstring).
 
     Divide by the global sum of `normaliser_count`. selection_mask/selection_prob come from
@@ -184,25 +211,54 @@ def nat_loss_sum(logprobs: Tensor, *, old_logprobs: Tensor, advantages: Tensor,
     if selection_prob.shape != logprobs.shape or not selection_prob.dtype.is_floating_point:
         raise ValueError(f"selection_prob must be a float tensor of shape {tuple(logprobs.shape)}")
     if bool((selection_mask & ~_valid(lengths, logprobs.shape[1])).any()):
-        raise ValueError("selection_mask keeps positions at or beyond a response's length; "
-                         "build it with selection.sample for these lengths")
+        raise ValueError(
+            "selection_mask keeps positions at or beyond a response's length; "
+            "build it with selection.sample for these lengths"
+        )
     if not bool((selection_prob[selection_mask] > 0).all()):  # also rejects nan
         raise ValueError("selection_prob must be > 0 on every kept position")
     # Constant weights (no grad through pi), computed in the precision pi was given in.
     one = torch.ones((), dtype=selection_prob.dtype, device=selection_prob.device)
     weights = torch.where(selection_mask, one / selection_prob.detach(), 0 * one)
-    return _loss_sum(logprobs, old_logprobs, advantages, selection_mask,
-                     weights.to(logprobs.dtype), lengths, cfg, ref_logprobs, entropy, tis_weights)
+    return _loss_sum(
+        logprobs,
+        old_logprobs,
+        advantages,
+        selection_mask,
+        weights.to(logprobs.dtype),
+        lengths,
+        cfg,
+        ref_logprobs,
+        entropy,
+        tis_weights,
+    )
 
 
-def grpo_loss_sum(logprobs: Tensor, *, old_logprobs: Tensor, advantages: Tensor,
-                  lengths: Tensor, cfg: LossConfig, ref_logprobs: Tensor | None = None,
-                  entropy: Tensor | None = None, tis_weights: Tensor | None = None
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
+def grpo_loss_sum(
+    logprobs: Tensor,
+    *,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    lengths: Tensor,
+    cfg: LossConfig,
+    ref_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    tis_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain full-token GRPO loss SUM (no weights); the reference that scheme "none" matches."""
     _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy, tis_weights)
-    return _loss_sum(logprobs, old_logprobs, advantages, _valid(lengths, logprobs.shape[1]),
-                     None, lengths, cfg, ref_logprobs, entropy, tis_weights)
+    return _loss_sum(
+        logprobs,
+        old_logprobs,
+        advantages,
+        _valid(lengths, logprobs.shape[1]),
+        None,
+        lengths,
+        cfg,
+        ref_logprobs,
+        entropy,
+        tis_weights,
+    )
 
 
 def nat_loss(logprobs: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -217,15 +273,21 @@ def grpo_loss(logprobs: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
     return loss_sum / normaliser_count(kwargs["lengths"], kwargs["cfg"].aggregation), metrics
 
 
-def _loss_sum(logprobs, old_logprobs, advantages, mask, weights, lengths, cfg, ref_logprobs,
-              entropy, tis_weights):
+def _loss_sum(logprobs, old_logprobs, advantages, mask, weights, lengths, cfg, ref_logprobs, entropy, tis_weights):
     """Shared body: `weights` None means unweighted (the plain GRPO path)."""
+
     def keep(x):  # ignored positions may hold inf/nan; zeroing them keeps grads finite
         return None if x is None else torch.where(mask, x, torch.zeros_like(x))
 
     loss, ratio, clipped, kl = token_objective(
-        keep(logprobs), keep(old_logprobs), advantages if advantages.dim() == 1 else keep(advantages),
-        cfg, ref_logprobs=keep(ref_logprobs), entropy=keep(entropy), tis_weights=keep(tis_weights))
+        keep(logprobs),
+        keep(old_logprobs),
+        advantages if advantages.dim() == 1 else keep(advantages),
+        cfg,
+        ref_logprobs=keep(ref_logprobs),
+        entropy=keep(entropy),
+        tis_weights=keep(tis_weights),
+    )
     if weights is not None:
         loss = loss * weights  # weight exactly 1.0 leaves values and grads bitwise unchanged
     terms = torch.where(mask, loss, torch.zeros_like(loss))
@@ -252,7 +314,8 @@ def _loss_sum(logprobs, old_logprobs, advantages, mask, weights, lengths, cfg, r
             "clip_high_fraction": mean((clipped & (ratio > 1.0 + cfg.eps_high)).to(w.dtype)),
             "ratio_mean": mean(ratio.detach()),
             "ratio_max": torch.where(mask, ratio.detach(), torch.zeros_like(ratio)).max()
-            if mask.numel() else ratio.new_zeros(()),
+            if mask.numel()
+            else ratio.new_zeros(()),
             "kept_tokens": mask.sum(),
             "weight_sum": w_sum,
         }
@@ -267,29 +330,36 @@ def _valid(lengths, width):
     return torch.arange(width, device=lengths.device)[None] < lengths[:, None]
 
 
-def _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy,
-                  tis_weights=None):
+def _check_inputs(logprobs, old_logprobs, advantages, lengths, cfg, ref_logprobs, entropy, tis_weights=None):
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
-    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2 or (
-            not logprobs.dtype.is_floating_point):
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2 or (not logprobs.dtype.is_floating_point):
         raise ValueError("logprobs must be a float tensor [B, T] aligned on response positions")
     shape = tuple(logprobs.shape)
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
-                    ("entropy", entropy), ("tis_weights", tis_weights)):
+    for name, x in (
+        ("old_logprobs", old_logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("entropy", entropy),
+        ("tis_weights", tis_weights),
+    ):
         if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != shape):
             raise ValueError(f"{name} must be a tensor of shape {shape} like logprobs")
     if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in (shape[:1], shape):
-        raise ValueError(f"advantages must be a tensor of shape ({shape[0]},), one per response, "
-                         f"or {shape}, one per response position (OTB)")
-    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != shape[:1] or (
-            lengths.dtype.is_floating_point or lengths.dtype == torch.bool):
-        raise ValueError(f"lengths must be an integer tensor of shape ({shape[0]},): full "
-                         "response lengths before selection")
+        raise ValueError(
+            f"advantages must be a tensor of shape ({shape[0]},), one per response, "
+            f"or {shape}, one per response position (OTB)"
+        )
+    if (
+        not isinstance(lengths, torch.Tensor)
+        or tuple(lengths.shape) != shape[:1]
+        or (lengths.dtype.is_floating_point or lengths.dtype == torch.bool)
+    ):
+        raise ValueError(
+            f"lengths must be an integer tensor of shape ({shape[0]},): full response lengths before selection"
+        )
     if shape[0] and int(lengths.min()) < 1:
         raise ValueError("lengths must all be >= 1")
     if cfg.kl_beta and ref_logprobs is None:
         raise ValueError("LossConfig.kl_beta > 0 needs ref_logprobs; pass them or set kl_beta=0")
     if cfg.entropy_coef and entropy is None:
-        raise ValueError("LossConfig.entropy_coef > 0 needs entropy; pass it or set "
-                         "entropy_coef=0")
+        raise ValueError("LossConfig.entropy_coef > 0 needs entropy; pass it or set entropy_coef=0")

@@ -73,8 +73,9 @@ def logit_gradient_proxy(logprobs: Tensor, sum_p2: Tensor) -> Tensor:
     if not isinstance(sum_p2, Tensor) or not sum_p2.dtype.is_floating_point:
         raise ValueError("sum_p2 must be a floating-point tensor")
     if sum_p2.shape != logprobs.shape:
-        raise ValueError(f"sum_p2 has shape {tuple(sum_p2.shape)} but logprobs has "
-                         f"{tuple(logprobs.shape)}; they must match")
+        raise ValueError(
+            f"sum_p2 has shape {tuple(sum_p2.shape)} but logprobs has {tuple(logprobs.shape)}; they must match"
+        )
     return (1.0 - 2.0 * logprobs.float().exp() + sum_p2.float()).clamp_min(0.0)
 
 
@@ -83,21 +84,23 @@ def outcome_returns(rewards: Tensor, mask: Tensor) -> Tensor:
 
     rewards: float [B]; mask: bool [B, T]. Returns [B, T] in the dtype of rewards.
     """
-    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not (
-            rewards.dtype.is_floating_point):
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not (rewards.dtype.is_floating_point):
         raise ValueError("rewards must be a 1-D floating-point tensor [B]")
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or (
-            mask.shape[0] != rewards.shape[0]):
-        raise ValueError(f"mask must be a bool tensor [B, T] with B = {rewards.shape[0]} "
-                         "(the length of rewards)")
+    if (
+        not isinstance(mask, Tensor)
+        or mask.dtype != torch.bool
+        or mask.dim() != 2
+        or (mask.shape[0] != rewards.shape[0])
+    ):
+        raise ValueError(f"mask must be a bool tensor [B, T] with B = {rewards.shape[0]} (the length of rewards)")
     if mask.device != rewards.device:
         raise ValueError(f"mask is on {mask.device} but rewards on {rewards.device}")
-    return torch.where(mask, rewards.unsqueeze(-1), torch.zeros((), dtype=rewards.dtype,
-                                                                device=rewards.device))
+    return torch.where(mask, rewards.unsqueeze(-1), torch.zeros((), dtype=rewards.dtype, device=rewards.device))
 
 
-def optimal_token_baseline(returns: Tensor, proxy: Tensor, mask: Tensor, group_index: Tensor,
-                           *, eps: float = 1e-8, zero_tail: bool = True) -> Tensor:
+def optimal_token_baseline(
+    returns: Tensor, proxy: Tensor, mask: Tensor, group_index: Tensor, *, eps: float = 1e-8, zero_tail: bool = True
+) -> Tensor:
     """OTB advantages A_it = (G_it - B*_t) * mask_it (module docstring for the maths and rules).
 
     returns: float [B, T], G_it (e.g. `outcome_returns`).
@@ -137,14 +140,17 @@ def optimal_token_baseline(returns: Tensor, proxy: Tensor, mask: Tensor, group_i
     if zero_tail:
         lengths = mask.sum(-1)
         longest = torch.zeros(n_groups, dtype=lengths.dtype, device=device).scatter_reduce_(
-            0, inv, lengths, "amax")  # lengths >= 0, so the zero start is neutral
+            0, inv, lengths, "amax"
+        )  # lengths >= 0, so the zero start is neutral
         is_longest = lengths == longest[inv]
         n_longest = torch.zeros(n_groups, dtype=lengths.dtype, device=device).index_add_(
-            0, inv, is_longest.to(lengths.dtype))
+            0, inv, is_longest.to(lengths.dtype)
+        )
         # Second-longest length = longest among the rows that are not the longest; only used
         # where the longest is unique, so every other row counts.
         second = torch.zeros(n_groups, dtype=lengths.dtype, device=device).scatter_reduce_(
-            0, inv, torch.where(is_longest, torch.zeros_like(lengths), lengths), "amax")
+            0, inv, torch.where(is_longest, torch.zeros_like(lengths), lengths), "amax"
+        )
         unique = is_longest & (n_longest[inv] == 1) & ~alone
         positions = torch.arange(T, device=device)
         tail = unique.unsqueeze(-1) & (positions >= second[inv].unsqueeze(-1))
@@ -167,15 +173,16 @@ def proxy_prefix_lengths(lengths: Tensor, last_kept: Tensor, group_index: Tensor
         if not isinstance(x, Tensor) or x.dim() != 1 or not _is_integer(x):
             raise ValueError(f"{name} must be a 1-D integer tensor [B]")
     if last_kept.shape != lengths.shape or group_index.shape != lengths.shape:
-        raise ValueError(f"lengths {tuple(lengths.shape)}, last_kept {tuple(last_kept.shape)} "
-                         f"and group_index {tuple(group_index.shape)} must have the same shape")
+        raise ValueError(
+            f"lengths {tuple(lengths.shape)}, last_kept {tuple(last_kept.shape)} "
+            f"and group_index {tuple(group_index.shape)} must have the same shape"
+        )
     if len({lengths.device, last_kept.device, group_index.device}) != 1:
         raise ValueError("lengths, last_kept and group_index must be on the same device")
     if bool((lengths < 0).any()):
         raise ValueError("lengths must be >= 0")
     if bool(((last_kept < 0) | (last_kept > lengths)).any()):
-        raise ValueError("last_kept must lie in [0, lengths] (1-based last kept position, "
-                         "0 = nothing kept)")
+        raise ValueError("last_kept must lie in [0, lengths] (1-based last kept position, 0 = nothing kept)")
     if lengths.numel() == 0:
         return lengths.to(torch.long).clone()
     _, inv = torch.unique(group_index, return_inverse=True)
@@ -190,25 +197,28 @@ def _is_integer(x: Tensor) -> bool:
 
 
 def _check_otb_inputs(returns, proxy, mask, group_index, eps, zero_tail) -> None:
-    if not isinstance(returns, Tensor) or returns.dim() != 2 or not (
-            returns.dtype.is_floating_point):
+    if not isinstance(returns, Tensor) or returns.dim() != 2 or not (returns.dtype.is_floating_point):
         raise ValueError("returns must be a 2-D floating-point tensor [B, T]")
     shape = tuple(returns.shape)
-    if not isinstance(proxy, Tensor) or not proxy.dtype.is_floating_point or (
-            tuple(proxy.shape) != shape):
+    if not isinstance(proxy, Tensor) or not proxy.dtype.is_floating_point or (tuple(proxy.shape) != shape):
         raise ValueError(f"proxy must be a floating-point tensor of shape {shape} (as returns)")
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
         raise ValueError(f"mask must be a bool tensor of shape {shape} (as returns)")
-    if not isinstance(group_index, Tensor) or group_index.dim() != 1 or not (
-            _is_integer(group_index)) or group_index.shape[0] != shape[0]:
+    if (
+        not isinstance(group_index, Tensor)
+        or group_index.dim() != 1
+        or not (_is_integer(group_index))
+        or group_index.shape[0] != shape[0]
+    ):
         raise ValueError(f"group_index must be a 1-D integer tensor of length B = {shape[0]}")
     if len({returns.device, proxy.device, mask.device, group_index.device}) != 1:
         raise ValueError("returns, proxy, mask and group_index must be on the same device")
     if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-        raise ValueError("mask must be a prefix in every row (True on t < T_i, then False): "
-                         "pass the full response mask, not a selection")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (
-            0.0 < eps and math.isfinite(eps)):
+        raise ValueError(
+            "mask must be a prefix in every row (True on t < T_i, then False): "
+            "pass the full response mask, not a selection"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < eps and math.isfinite(eps)):
         raise ValueError(f"eps={eps!r} must be a finite number > 0")
     if not isinstance(zero_tail, bool):
         raise ValueError(f"zero_tail={zero_tail!r} must be a bool")

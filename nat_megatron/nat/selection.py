@@ -151,8 +151,9 @@ def rpc_inclusion_prob(lengths: torch.Tensor, budget: float, *, floor: float = 0
     return torch.where(valid, pi, torch.zeros_like(pi))
 
 
-def sample(scheme: str, budget: float, lengths: torch.Tensor,
-           generator: torch.Generator | Sequence[torch.Generator], **options) -> Selection:
+def sample(
+    scheme: str, budget: float, lengths: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator], **options
+) -> Selection:
     """Draw a selection for responses of the given lengths (see the module docstring).
 
     generator: one torch.Generator for the whole batch, or one per response (on the device of
@@ -165,8 +166,10 @@ def sample(scheme: str, budget: float, lengths: torch.Tensor,
     budget = _check_fraction("budget", budget)
     unknown = set(options) - _OPTIONS[scheme]
     if unknown:
-        raise ValueError(f"options {sorted(unknown)} do not apply to scheme {scheme!r}; "
-                         f"allowed: {sorted(_OPTIONS[scheme]) or 'none'}")
+        raise ValueError(
+            f"options {sorted(unknown)} do not apply to scheme {scheme!r}; "
+            f"allowed: {sorted(_OPTIONS[scheme]) or 'none'}"
+        )
     T_max = int(lengths.max())
     valid = torch.arange(T_max, device=lengths.device)[None] < lengths[:, None]
     if scheme == "none":
@@ -180,15 +183,19 @@ def sample(scheme: str, budget: float, lengths: torch.Tensor,
     elif scheme == "rpc+urs":
         urs_rate = _check_fraction("urs_budget", options.get("urs_budget", math.sqrt(budget)))
         if urs_rate < budget:
-            raise ValueError(f"urs_budget={urs_rate} is below budget={budget}: the RPC part "
-                             "would need a budget above 1; use urs_budget in [budget, 1]")
+            raise ValueError(
+                f"urs_budget={urs_rate} is below budget={budget}: the RPC part "
+                "would need a budget above 1; use urs_budget in [budget, 1]"
+            )
         rpc_budget = min(1.0, budget / urs_rate)
     floor = options.get("rpc_floor", 0.0)
     if isinstance(floor, bool) or not isinstance(floor, numbers.Real) or not 0.0 <= floor < 1.0:
         raise ValueError(f"rpc_floor={floor!r} must be a number in [0, 1)")
     if floor > rpc_budget:
-        raise ValueError(f"rpc_floor={floor} exceeds the RPC budget {rpc_budget}: keeping whole "
-                         "responses that often already overshoots it; lower rpc_floor")
+        raise ValueError(
+            f"rpc_floor={floor} exceeds the RPC budget {rpc_budget}: keeping whole "
+            "responses that often already overshoots it; lower rpc_floor"
+        )
     fixed = options.get("urs_fixed_count", False)
     if not isinstance(fixed, bool):
         raise ValueError(f"urs_fixed_count={fixed!r} must be True or False")
@@ -219,13 +226,17 @@ def _uniforms(generator, lengths: torch.Tensor, T_max: int, *, need_cut: bool, n
     B, device, f64 = lengths.numel(), lengths.device, torch.float64
     if isinstance(generator, torch.Generator):
         u_cut = torch.rand(B, dtype=f64, device=device, generator=generator) if need_cut else None
-        u_tok = (torch.rand(B, T_max, dtype=f64, device=device, generator=generator)
-                 if need_tok else None)
+        u_tok = torch.rand(B, T_max, dtype=f64, device=device, generator=generator) if need_tok else None
         return u_cut, u_tok
-    if not isinstance(generator, Sequence) or len(generator) != B or not all(
-            isinstance(g, torch.Generator) for g in generator):
-        raise ValueError(f"generator must be a torch.Generator or a sequence of {B} of them "
-                         "(one per response, e.g. from selection_generators)")
+    if (
+        not isinstance(generator, Sequence)
+        or len(generator) != B
+        or not all(isinstance(g, torch.Generator) for g in generator)
+    ):
+        raise ValueError(
+            f"generator must be a torch.Generator or a sequence of {B} of them "
+            "(one per response, e.g. from selection_generators)"
+        )
     u_cut = torch.empty(B, dtype=f64, device=device)
     u_tok = torch.ones(B, T_max, dtype=f64, device=device)  # padding: 1.0 is never < a rate
     for i, (gen, n) in enumerate(zip(generator, lengths.tolist())):
@@ -239,11 +250,12 @@ def _uniforms(generator, lengths: torch.Tensor, T_max: int, *, need_cut: bool, n
 
 def _check_lengths(lengths) -> torch.Tensor:
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.numel() == 0:
-        raise ValueError("lengths must be a non-empty 1-D tensor of response lengths, "
-                         f"got {type(lengths).__name__} of shape {getattr(lengths, 'shape', None)}")
+        raise ValueError(
+            "lengths must be a non-empty 1-D tensor of response lengths, "
+            f"got {type(lengths).__name__} of shape {getattr(lengths, 'shape', None)}"
+        )
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise ValueError(f"lengths must have an integer dtype (e.g. torch.long), "
-                         f"got {lengths.dtype}")
+        raise ValueError(f"lengths must have an integer dtype (e.g. torch.long), got {lengths.dtype}")
     if int(lengths.min()) < 0:
         raise ValueError(f"lengths must all be >= 0, got min {int(lengths.min())}")
     return lengths.long()
@@ -251,6 +263,5 @@ def _check_lengths(lengths) -> torch.Tensor:
 
 def _check_fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name}={value!r} must be a number in (0, 1] "
-                         "(the expected kept fraction)")
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1] (the expected kept fraction)")
     return float(value)

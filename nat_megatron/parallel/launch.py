@@ -45,8 +45,15 @@ def relaunch(nprocs: int, args: list[str]) -> int:
     the trainer and the rank's rollout engine (which reads OMP_NUM_THREADS) both use them.
     An OMP_NUM_THREADS set by the user wins.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nprocs}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nprocs}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        *args,
+    ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nprocs)))
     return subprocess.call(cmd, env=env)
@@ -54,8 +61,7 @@ def relaunch(nprocs: int, args: list[str]) -> int:
 
 def single_process_env() -> None:
     """Make this process rank 0 of a world of 1 (env:// rendezvous on a free local port)."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def launch_function(target: str, nprocs: int, *, timeout: float = 600, threads: int = 1, **kwargs) -> list:
@@ -65,14 +71,26 @@ def launch_function(target: str, nprocs: int, *, timeout: float = 600, threads: 
         port = free_port()
         procs, logs = [], []
         for rank in range(nprocs):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS=str(threads),
-                       PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(nprocs),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS=str(threads),
+                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            )
             log = open(Path(tmp) / f"rank{rank}.log", "w+")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "nat_megatron.parallel.launch", target, tmp], env=env,
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "nat_megatron.parallel.launch", target, tmp],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             logs.append(log)
         failed = None
         try:

@@ -45,10 +45,17 @@ class Layout:
         return token_multiple(self)
 
     @classmethod
-    def parse(cls, text: str) -> "Layout":
+    def parse(cls, text: str) -> Layout:
         """Parse 'tp=2,pp=2,cp=1,dp=1[,vpp=2][,sp=1]'."""
-        keys = {"tp": "tp", "pp": "pp", "cp": "cp", "dp": "dp", "vpp": "vpp",
-                "sp": "sequence_parallel", "sequence_parallel": "sequence_parallel"}
+        keys = {
+            "tp": "tp",
+            "pp": "pp",
+            "cp": "cp",
+            "dp": "dp",
+            "vpp": "vpp",
+            "sp": "sequence_parallel",
+            "sequence_parallel": "sequence_parallel",
+        }
         kwargs = {}
         for part in filter(None, text.split(",")):
             key, _, val = part.partition("=")
@@ -88,9 +95,16 @@ def token_multiple(layout: Layout, *, fp8: str | None = None, selected: bool = F
     return math.lcm(base, split * FP8_ALIGN[fp8])
 
 
-def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None = None,
-                    seq_len: int | None = None, gpus_per_node: int | None = None,
-                    global_batch: int | None = None, micro_batch_size: int = 1) -> None:
+def validate_layout(
+    arch: ModelArch,
+    layout: Layout,
+    *,
+    world_size: int | None = None,
+    seq_len: int | None = None,
+    gpus_per_node: int | None = None,
+    global_batch: int | None = None,
+    micro_batch_size: int = 1,
+) -> None:
     """Raise ValueError naming the first rule the layout breaks for this model.
 
     Optional checks: gpus_per_node (tensor parallelism stays inside a node, on NVLink),
@@ -120,8 +134,7 @@ def validate_layout(arch: ModelArch, layout: Layout, *, world_size: int | None =
     chunks = pp * (layout.vpp or 1)
     if arch.num_layers % chunks:
         raise ValueError(
-            f"pp={pp} x vpp={layout.vpp or 1} = {chunks} pipeline chunks do not divide "
-            f"num_layers={arch.num_layers}"
+            f"pp={pp} x vpp={layout.vpp or 1} = {chunks} pipeline chunks do not divide num_layers={arch.num_layers}"
         )
     if global_batch is not None:
         _check_batch(layout, global_batch, micro_batch_size)

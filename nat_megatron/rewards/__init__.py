@@ -1,7 +1,7 @@
 """Rewards for verifiable answers: extraction, checking, and a registry looked up by name.
 
-    from nat_megatron.rewards import get_reward, score_batch
-    scores = score_batch("math_verify", completions, answers)  # .rewards, .correct, .counts
+from nat_megatron.rewards import get_reward, score_batch
+scores = score_batch("math_verify", completions, answers)  # .rewards, .correct, .counts
 """
 
 from nat_megatron.rewards import verifiers as _verifiers  # noqa: F401  (registers the rewards)

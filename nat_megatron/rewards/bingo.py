@@ -33,9 +33,9 @@ import math
 import os
 import tempfile
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -86,42 +86,62 @@ class BingoConfig:
     threshold: float = 0.5  # keep-prob below this = insignificant token
 
     def __post_init__(self):
-        _check(self.scorer in SCORERS, "scorer",
-               f"unknown scorer {self.scorer!r}; use one of {list(SCORERS)}")
+        _check(self.scorer in SCORERS, "scorer", f"unknown scorer {self.scorer!r}; use one of {list(SCORERS)}")
         if self.scorer == "hf_token_classifier":
-            _check(bool(self.scorer_path), "scorer_path",
-                   "scorer 'hf_token_classifier' needs the directory of a local "
-                   "token-classification model (LLMLingua-2 style); set reward.bingo.scorer_path "
-                   "or use scorer 'reference_proxy'")
-            _check(not self.enabled or Path(self.scorer_path).is_dir(), "scorer_path",
-                   f"{self.scorer_path!r} is not a directory; put a local copy of the "
-                   "token-classification model (config.json, weights, tokenizer) there")
+            _check(
+                bool(self.scorer_path),
+                "scorer_path",
+                "scorer 'hf_token_classifier' needs the directory of a local "
+                "token-classification model (LLMLingua-2 style); set reward.bingo.scorer_path "
+                "or use scorer 'reference_proxy'",
+            )
+            _check(
+                not self.enabled or Path(self.scorer_path).is_dir(),
+                "scorer_path",
+                f"{self.scorer_path!r} is not a directory; put a local copy of the "
+                "token-classification model (config.json, weights, tokenizer) there",
+            )
         else:
-            _check(self.scorer_path is None, "scorer_path",
-                   f"applies to scorer 'hf_token_classifier' only; set it to null for "
-                   f"scorer {self.scorer!r}")
-        _check(self.schedule in SCHEDULES, "schedule",
-               f"unknown schedule {self.schedule!r}; use one of {list(SCHEDULES)}")
+            _check(
+                self.scorer_path is None,
+                "scorer_path",
+                f"applies to scorer 'hf_token_classifier' only; set it to null for scorer {self.scorer!r}",
+            )
+        _check(
+            self.schedule in SCHEDULES, "schedule", f"unknown schedule {self.schedule!r}; use one of {list(SCHEDULES)}"
+        )
         for name in ("lambda_c", "lambda_wn", "lambda_we"):
             value = getattr(self, name)
             _check(_finite(value) and value >= 0, name, f"must be >= 0, got {value}")
-        _check(_finite(self.lambda_we_prime), "lambda_we_prime",
-               f"must be a finite number, got {self.lambda_we_prime}")
-        _check(self.schedule == "static" or self.lambda_we_prime == 0, "lambda_we_prime",
-               "is the static schedule's value; the dynamic schedule computes its own, so "
-               "leave it at 0 or set reward.bingo.schedule: static")
-        _check(isinstance(self.start_step, int) and self.start_step >= 0, "start_step",
-               f"must be an integer >= 0, got {self.start_step}")
-        _check(isinstance(self.window, int) and self.window >= 2, "window",
-               f"must be an integer >= 2 (a slope needs two points), got {self.window}")
-        _check(_finite(self.slope_threshold), "slope_threshold",
-               f"must be a finite number, got {self.slope_threshold}")
-        _check(_finite(self.decay) and self.decay > 0, "decay",
-               f"must be > 0 (lambda_we' falls by it each step), got {self.decay}")
-        _check(_finite(self.slope_scale) and self.slope_scale > 0, "slope_scale",
-               f"must be > 0, got {self.slope_scale}")
-        _check(_finite(self.threshold) and 0 < self.threshold <= 1, "threshold",
-               f"must be in (0, 1], got {self.threshold}")
+        _check(_finite(self.lambda_we_prime), "lambda_we_prime", f"must be a finite number, got {self.lambda_we_prime}")
+        _check(
+            self.schedule == "static" or self.lambda_we_prime == 0,
+            "lambda_we_prime",
+            "is the static schedule's value; the dynamic schedule computes its own, so "
+            "leave it at 0 or set reward.bingo.schedule: static",
+        )
+        _check(
+            isinstance(self.start_step, int) and self.start_step >= 0,
+            "start_step",
+            f"must be an integer >= 0, got {self.start_step}",
+        )
+        _check(
+            isinstance(self.window, int) and self.window >= 2,
+            "window",
+            f"must be an integer >= 2 (a slope needs two points), got {self.window}",
+        )
+        _check(_finite(self.slope_threshold), "slope_threshold", f"must be a finite number, got {self.slope_threshold}")
+        _check(
+            _finite(self.decay) and self.decay > 0,
+            "decay",
+            f"must be > 0 (lambda_we' falls by it each step), got {self.decay}",
+        )
+        _check(
+            _finite(self.slope_scale) and self.slope_scale > 0, "slope_scale", f"must be > 0, got {self.slope_scale}"
+        )
+        _check(
+            _finite(self.threshold) and 0 < self.threshold <= 1, "threshold", f"must be in (0, 1], got {self.threshold}"
+        )
 
 
 def _ratio(n: Tensor, n_ref: Tensor) -> Tensor:
@@ -129,21 +149,30 @@ def _ratio(n: Tensor, n_ref: Tensor) -> Tensor:
     return n.float() / n_ref.float().clamp(min=1.0)
 
 
-def bingo_bonus(correct: Tensor, n_sig: Tensor, n_insig: Tensor, n_sig_ref: Tensor,
-                n_insig_ref: Tensor, *, lambda_c: float, lambda_wn: float, lambda_we: float,
-                lambda_we_prime: float) -> Tensor:
+def bingo_bonus(
+    correct: Tensor,
+    n_sig: Tensor,
+    n_insig: Tensor,
+    n_sig_ref: Tensor,
+    n_insig_ref: Tensor,
+    *,
+    lambda_c: float,
+    lambda_wn: float,
+    lambda_we: float,
+    lambda_we_prime: float,
+) -> Tensor:
     """Per-response length bonus, FloatTensor[B], to add to the correctness reward.
 
     `correct` is BoolTensor[B]; counts are tensors of shape [B] (reference counts may be
     means, hence float). See the module docstring for the formula and the n_ref = 0 rule.
     """
     correct = torch.as_tensor(correct, dtype=torch.bool)
-    n_sig, n_insig, n_sig_ref, n_insig_ref = (torch.as_tensor(x) for x in
-                                              (n_sig, n_insig, n_sig_ref, n_insig_ref))
+    n_sig, n_insig, n_sig_ref, n_insig_ref = (torch.as_tensor(x) for x in (n_sig, n_insig, n_sig_ref, n_insig_ref))
     shapes = {tuple(x.shape) for x in (correct, n_sig, n_insig, n_sig_ref, n_insig_ref)}
     if len(shapes) != 1:
-        raise ValueError(f"bingo_bonus: correct and the four counts must share one shape [B], "
-                         f"got shapes {sorted(shapes)}")
+        raise ValueError(
+            f"bingo_bonus: correct and the four counts must share one shape [B], got shapes {sorted(shapes)}"
+        )
     r_low = _ratio(n_insig, n_insig_ref)
     r_high = _ratio(n_sig, n_sig_ref)
     cos_low = torch.cos(r_low.clamp(0.0, math.pi / 2))
@@ -174,9 +203,18 @@ class DynamicLambda:
     State (`state_dict`) holds plain Python types only, for checkpoints.
     """
 
-    def __init__(self, *, lambda_we: float = 5.0, schedule: str = "dynamic",
-                 lambda_we_prime: float = 0.0, start_step: int = 50, window: int = 10,
-                 slope_threshold: float = 2.5, decay: float = 0.5, slope_scale: float = 1.0):
+    def __init__(
+        self,
+        *,
+        lambda_we: float = 5.0,
+        schedule: str = "dynamic",
+        lambda_we_prime: float = 0.0,
+        start_step: int = 50,
+        window: int = 10,
+        slope_threshold: float = 2.5,
+        decay: float = 0.5,
+        slope_scale: float = 1.0,
+    ):
         if schedule not in SCHEDULES:
             _fail("schedule", f"unknown schedule {schedule!r}; use one of {list(SCHEDULES)}")
         if window < 2:
@@ -191,11 +229,17 @@ class DynamicLambda:
         self.value = self.lambda_we_prime if schedule == "static" else 0.0
 
     @classmethod
-    def from_config(cls, cfg: BingoConfig) -> "DynamicLambda":
-        return cls(lambda_we=cfg.lambda_we, schedule=cfg.schedule,
-                   lambda_we_prime=cfg.lambda_we_prime, start_step=cfg.start_step,
-                   window=cfg.window, slope_threshold=cfg.slope_threshold, decay=cfg.decay,
-                   slope_scale=cfg.slope_scale)
+    def from_config(cls, cfg: BingoConfig) -> DynamicLambda:
+        return cls(
+            lambda_we=cfg.lambda_we,
+            schedule=cfg.schedule,
+            lambda_we_prime=cfg.lambda_we_prime,
+            start_step=cfg.start_step,
+            window=cfg.window,
+            slope_threshold=cfg.slope_threshold,
+            decay=cfg.decay,
+            slope_scale=cfg.slope_scale,
+        )
 
     @property
     def decaying(self) -> bool:
@@ -220,8 +264,10 @@ class DynamicLambda:
         if not (isinstance(accuracy, (int, float)) and 0 <= accuracy <= 1):
             raise ValueError(f"accuracy must be a fraction in [0, 1], got {accuracy!r}")
         if self._last_step is not None and step <= self._last_step:
-            raise ValueError(f"step {step} is not after the last recorded step "
-                             f"{self._last_step}; call update once per step, in order")
+            raise ValueError(
+                f"step {step} is not after the last recorded step "
+                f"{self._last_step}; call update once per step, in order"
+            )
         self._last_step = step
         self._history.append((int(step), 100.0 * float(accuracy)))
         if self._trigger is not None:
@@ -239,19 +285,22 @@ class DynamicLambda:
         return self.value
 
     def state_dict(self) -> dict:
-        return {"schedule": self.schedule,
-                "history": [[s, a] for s, a in self._history],
-                "last_step": self._last_step,
-                "trigger": None if self._trigger is None else list(self._trigger),
-                "value": self.value}
+        return {
+            "schedule": self.schedule,
+            "history": [[s, a] for s, a in self._history],
+            "last_step": self._last_step,
+            "trigger": None if self._trigger is None else list(self._trigger),
+            "value": self.value,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("schedule") != self.schedule:
-            raise ValueError(f"checkpoint's Bingo schedule is {state.get('schedule')!r} but "
-                             f"reward.bingo.schedule is {self.schedule!r}; resume with the same "
-                             "schedule")
-        self._history = deque(((int(s), float(a)) for s, a in state["history"]),
-                              maxlen=self.window)
+            raise ValueError(
+                f"checkpoint's Bingo schedule is {state.get('schedule')!r} but "
+                f"reward.bingo.schedule is {self.schedule!r}; resume with the same "
+                "schedule"
+            )
+        self._history = deque(((int(s), float(a)) for s, a in state["history"]), maxlen=self.window)
         self._last_step = state["last_step"]
         trig = state["trigger"]
         self._trigger = None if trig is None else (int(trig[0]), float(trig[1]))
@@ -294,17 +343,20 @@ class ReferenceLengths:
         """(n_sig_ref, n_insig_ref), FloatTensor[len(keys)] each (means over responses)."""
         lost = self.missing(keys)
         if lost:
-            raise KeyError(f"no reference lengths for prompt keys {lost[:10]}; measure the "
-                           "reference model's responses first (add) or load the saved file")
+            raise KeyError(
+                f"no reference lengths for prompt keys {lost[:10]}; measure the "
+                "reference model's responses first (add) or load the saved file"
+            )
         rows = [self._data[int(k)] for k in keys]
-        return (torch.tensor([r[0] / r[2] for r in rows], dtype=torch.float32),
-                torch.tensor([r[1] / r[2] for r in rows], dtype=torch.float32))
+        return (
+            torch.tensor([r[0] / r[2] for r in rows], dtype=torch.float32),
+            torch.tensor([r[1] / r[2] for r in rows], dtype=torch.float32),
+        )
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"version": self.VERSION,
-                   "prompts": {str(k): v for k, v in sorted(self._data.items())}}
+        payload = {"version": self.VERSION, "prompts": {str(k): v for k, v in sorted(self._data.items())}}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
@@ -318,17 +370,18 @@ class ReferenceLengths:
             raise
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReferenceLengths":
+    def load(cls, path: str | Path) -> ReferenceLengths:
         try:
             payload = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read reference lengths from {path}: {e}; delete it to "
-                             "measure them again") from None
+            raise ValueError(
+                f"cannot read reference lengths from {path}: {e}; delete it to measure them again"
+            ) from None
         if not isinstance(payload, dict) or payload.get("version") != cls.VERSION:
-            raise ValueError(f"{path}: not a version-{cls.VERSION} reference-lengths file; "
-                             "delete it to measure them again")
+            raise ValueError(
+                f"{path}: not a version-{cls.VERSION} reference-lengths file; delete it to measure them again"
+            )
         out = cls()
         for k, (s, i, n) in payload["prompts"].items():
             out._data[int(k)] = [float(s), float(i), int(n)]
         return out
-

@@ -52,10 +52,8 @@ def last_boxed(text: str) -> str | None:
 
 def final_number(text: str) -> str | None:
     """The last plain number or simple fraction in `text` ("1,234" -> "1234", "-3", "0.5", "1/2")."""
-    found = None
-    for found in _NUMBER_RE.finditer(text):
-        pass
-    return found.group(0).replace(",", "") if found else None
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 def extract_answer(text: str) -> str | None:

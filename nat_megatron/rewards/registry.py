@@ -9,8 +9,8 @@ timeout) it must be picklable: a module-level function whose module registers it
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,7 @@ def get_reward(name: str) -> RewardFn:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown reward {name!r}; set the reward name to one of {available_rewards()}"
-        ) from None
+        raise ValueError(f"unknown reward {name!r}; set the reward name to one of {available_rewards()}") from None
 
 
 @dataclass
@@ -90,8 +88,9 @@ def _guarded(fn: RewardFn, completion: str, answer: str) -> Score:
         return Score(0.0, False, None, "error")
 
 
-def score_batch(reward: str | RewardFn, completions: Sequence[str], answers: Sequence[str], *,
-                timeout: float | None = None) -> Scores:
+def score_batch(
+    reward: str | RewardFn, completions: Sequence[str], answers: Sequence[str], *, timeout: float | None = None
+) -> Scores:
     """Score `completions[i]` against `answers[i]` with the reward named (or given) by `reward`.
 
     timeout (reward.timeout): each sample is scored in this process's scoring worker

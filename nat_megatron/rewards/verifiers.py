@@ -94,8 +94,10 @@ def math_verify_score(completion: str, answer: str, *, timeout_s: float = DEFAUL
     completion = completion[-MAX_COMPLETION_CHARS:]
     if not signals_usable():
         if not _warned_thread_fallback:
-            logger.warning("math_verify reward off the main thread: no signal deadline possible, "
-                           "using the exact numeric comparison instead")
+            logger.warning(
+                "math_verify reward off the main thread: no signal deadline possible, "
+                "using the exact numeric comparison instead"
+            )
             _warned_thread_fallback = True
         return _fallback(completion, answer)
     _math_verify()  # import outside the deadline: the first import alone takes ~0.6 s
@@ -118,8 +120,10 @@ def exact_int_reward(completion: str, answer: str) -> Score:
     """Integer equality of the last boxed answer (else last number) with an integer `answer`."""
     gold = to_int(answer) if isinstance(answer, str) else None
     if gold is None:
-        raise ValueError(f"reward 'exact_int' needs integer reference answers, got {answer!r}; "
-                         "use reward 'math_verify' for this dataset")
+        raise ValueError(
+            f"reward 'exact_int' needs integer reference answers, got {answer!r}; "
+            "use reward 'math_verify' for this dataset"
+        )
     if not isinstance(completion, str):
         return Score(0.0, False, None, "no_answer")
     extracted = extract_answer(completion[-MAX_COMPLETION_CHARS:])

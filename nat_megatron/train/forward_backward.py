@@ -25,9 +25,9 @@ statistics scattered back onto the [b, s] grid, zero at the other positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -59,26 +59,34 @@ class MicroBatch:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
     count: int = 0
 
-    def pad_to(self, length: int) -> "MicroBatch":
+    def pad_to(self, length: int) -> MicroBatch:
         """Right-pad every tensor with zeros; padded positions carry zero weight in every loss."""
         extra = length - self.seq_len
         if extra == 0:
             return self
         pad = lambda t: torch.nn.functional.pad(t, (0, extra))  # noqa: E731
-        return MicroBatch(tokens=pad(self.tokens), targets=pad(self.targets),
-                          fields={k: pad(v) for k, v in self.fields.items()}, count=self.count)
+        return MicroBatch(
+            tokens=pad(self.tokens),
+            targets=pad(self.targets),
+            fields={k: pad(v) for k, v in self.fields.items()},
+            count=self.count,
+        )
 
-    def zero_weight(self) -> "MicroBatch":
+    def zero_weight(self) -> MicroBatch:
         """A micro-batch of this shape that changes nothing: zero tokens, fields and count."""
         zero = torch.zeros_like
-        return MicroBatch(tokens=zero(self.tokens), targets=zero(self.targets),
-                          fields={k: zero(v) for k, v in self.fields.items()}, count=0)
+        return MicroBatch(
+            tokens=zero(self.tokens),
+            targets=zero(self.targets),
+            fields={k: zero(v) for k, v in self.fields.items()},
+            count=0,
+        )
 
     @property
     def seq_len(self) -> int:
         return self.tokens.shape[1]
 
-    def for_cp_rank(self) -> "MicroBatch":
+    def for_cp_rank(self) -> MicroBatch:
         """This context-parallel rank's positions (Megatron's load-balanced 2*cp split)."""
         cp = parallel_state.get_context_parallel_world_size()
         if cp == 1:
@@ -88,7 +96,8 @@ class MicroBatch:
             raise ValueError(f"micro-batch length {self.seq_len} is not a multiple of 2*cp={2 * cp}")
         idx = cp_chunk_positions(self.seq_len // cp, rank, cp, self.tokens.device)
         return MicroBatch(
-            tokens=self.tokens[:, idx], targets=self.targets[:, idx],
+            tokens=self.tokens[:, idx],
+            targets=self.targets[:, idx],
             fields={k: v[:, idx] for k, v in self.fields.items()},
             # The normaliser is counted once per sample: on CP rank 0 only.
             count=self.count if rank == 0 else 0,
@@ -114,20 +123,34 @@ def _check_fp8_lengths(chunks: list, micro_batches: list[MicroBatch]) -> None:
     config = getattr(chunks[0], "config", None)
     if not getattr(config, "fp8", None):
         return
-    layout = Layout(tp=config.tensor_model_parallel_size, cp=config.context_parallel_size,
-                    sequence_parallel=config.sequence_parallel)
+    layout = Layout(
+        tp=config.tensor_model_parallel_size,
+        cp=config.context_parallel_size,
+        sequence_parallel=config.sequence_parallel,
+    )
     multiple = token_multiple(layout, fp8=config.fp8_recipe)
     bad = sorted({mb.seq_len for mb in micro_batches if mb.seq_len % multiple})
     if bad:
-        raise ValueError(f"micro-batch lengths {bad} are not multiples of {multiple}, which FP8 "
-                         f"({config.fp8_recipe}) needs for every rank's share of the tokens; "
-                         "build them with seq_multiple=token_multiple(layout, fp8=recipe)")
+        raise ValueError(
+            f"micro-batch lengths {bad} are not multiples of {multiple}, which FP8 "
+            f"({config.fp8_recipe}) needs for every rank's share of the tokens; "
+            "build them with seq_multiple=token_multiple(layout, fp8=recipe)"
+        )
 
 
-def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
-                     vocab_size: int, forward_only: bool = False, entropy: bool = False,
-                     sum_p2: bool = False, keep_logits: bool = False,
-                     output_mask: str | None = None, temperature: float = 1.0) -> list[dict]:
+def forward_backward(
+    chunks: list,
+    micro_batches: list[MicroBatch],
+    loss_fn: LossFn,
+    *,
+    vocab_size: int,
+    forward_only: bool = False,
+    entropy: bool = False,
+    sum_p2: bool = False,
+    keep_logits: bool = False,
+    output_mask: str | None = None,
+    temperature: float = 1.0,
+) -> list[dict]:
     """Run Megatron's schedule (no pipelining, 1F1B or interleaved) over `micro_batches`.
 
     Returns, on the last pipeline stage, one dict per micro-batch with the detached
@@ -169,9 +192,12 @@ def forward_backward(chunks: list, micro_batches: list[MicroBatch], loss_fn: Los
             stats = {k: scatter_positions(v, index, b, s) for k, v in stats.items()}
         loss_sum, count, *metrics = loss_fn(stats, mb)
         count = torch.as_tensor(count, dtype=torch.int, device=loss_sum.device)
-        out = {"loss_sum": loss_sum.detach().clone(), "count": count.clone(),
-               "stats": {k: v.detach() for k, v in stats.items()},
-               "metrics": {k: v.detach() for k, v in (metrics[0] if metrics else {}).items()}}
+        out = {
+            "loss_sum": loss_sum.detach().clone(),
+            "count": count.clone(),
+            "stats": {k: v.detach() for k, v in stats.items()},
+            "metrics": {k: v.detach() for k, v in (metrics[0] if metrics else {}).items()},
+        }
         if keep_logits:
             full = gather_from_tensor_model_parallel_region(logits.detach())[..., :vocab_size]
             out["logits"] = full if index is None else scatter_positions(full, index, *mb.tokens.shape)

@@ -56,8 +56,10 @@ class Preemption:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
-            print(f"preempted ({name}): checkpoint of step {step} saved; exiting with {EXIT_PREEMPTED} "
-                  "for a requeue", flush=True)
+            print(
+                f"preempted ({name}): checkpoint of step {step} saved; exiting with {EXIT_PREEMPTED} for a requeue",
+                flush=True,
+            )
             marker = os.environ.get(MARKER_ENV)
             if marker:
                 Path(marker).write_text(f"{step}\n")

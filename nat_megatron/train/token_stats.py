@@ -3,10 +3,11 @@
 OTB needs the logit-gradient proxy of every group member before the loss can be formed, and
 Bingo's reference-proxy scorer needs the reference policy's log-probs of every response: both
 are one forward-only pass of a Megatron model over given response prefixes, whose results every
-rank of the data-parallel replica needs (it forms the advantages and rewards of its groups). The pass reuses the training
-path: truncated micro-batches (batching.build_micro_batches with a "keep the prefix" selection)
-and the selected-position output layer, so only the asked-for positions reach the vocabulary
-projection, and the statistics come from the vocab-parallel reductions (no full-vocab gather).
+rank of the data-parallel replica needs (it forms the advantages and rewards of its groups).
+The pass reuses the training path: truncated micro-batches (batching.build_micro_batches with
+a "keep the prefix" selection) and the selected-position output layer, so only the asked-for
+positions reach the vocabulary projection, and the statistics come from the vocab-parallel
+reductions (no full-vocab gather).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def positions_selection(lengths: torch.Tensor, keep: torch.Tensor) -> Selection:
     width = max(int(lengths.max()) if lengths.numel() else 0, 1)
     valid = torch.arange(width)[None] < lengths[:, None]
     mask = torch.zeros_like(valid)
-    mask[:, :keep.shape[1]] = keep[:, :width]
+    mask[:, : keep.shape[1]] = keep[:, :width]
     mask &= valid
     cut = (mask * torch.arange(1, width + 1)).amax(1)
     return Selection(mask=mask, prob=valid.double(), cut=cut, lengths=lengths.clone())
@@ -38,9 +39,18 @@ def _forward_only_loss(stats: dict, mb):
 
 
 @torch.no_grad()
-def token_stats(chunks: list, samples: list[Sample], keep: torch.Tensor, *, layout, vocab_size: int,
-                micro_batch_size: int = 1, sum_p2: bool = False, temperature: float = 1.0,
-                micro_batching: dict | None = None) -> dict[str, torch.Tensor]:
+def token_stats(
+    chunks: list,
+    samples: list[Sample],
+    keep: torch.Tensor,
+    *,
+    layout,
+    vocab_size: int,
+    micro_batch_size: int = 1,
+    sum_p2: bool = False,
+    temperature: float = 1.0,
+    micro_batching: dict | None = None,
+) -> dict[str, torch.Tensor]:
     """log p (and sum_v p^2) of response token t of sample i where keep[i, t], on every rank
     of this data-parallel replica (`samples`: the replica's samples, the same on its ranks).
 
@@ -53,15 +63,25 @@ def token_stats(chunks: list, samples: list[Sample], keep: torch.Tensor, *, layo
     width = max(int(lengths.max()), 1)
     names = ["logprobs"] + (["sum_p2"] if sum_p2 else [])
     out = torch.zeros(len(names), n, width, dtype=torch.float32)
-    grouping = micro_batching or {"seq_multiple": layout.seq_multiple, "pad_rows": layout.vpp is not None,
-                                  "num_micro_batches": -(-n // micro_batch_size)}
-    micro_batches = build_micro_batches(samples, positions_selection(lengths, keep), aggregation="token-mean",
-                                        **grouping)
-    outs = forward_backward(chunks, micro_batches, _forward_only_loss, vocab_size=vocab_size,
-                            forward_only=True, sum_p2=sum_p2, output_mask=KEPT_FIELD,
-                            temperature=temperature)
-    owner = (parallel_state.is_pipeline_last_stage()
-             and parallel_state.get_tensor_model_parallel_rank() == 0)
+    grouping = micro_batching or {
+        "seq_multiple": layout.seq_multiple,
+        "pad_rows": layout.vpp is not None,
+        "num_micro_batches": -(-n // micro_batch_size),
+    }
+    micro_batches = build_micro_batches(
+        samples, positions_selection(lengths, keep), aggregation="token-mean", **grouping
+    )
+    outs = forward_backward(
+        chunks,
+        micro_batches,
+        _forward_only_loss,
+        vocab_size=vocab_size,
+        forward_only=True,
+        sum_p2=sum_p2,
+        output_mask=KEPT_FIELD,
+        temperature=temperature,
+    )
+    owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     if owner:  # each CP rank owns its own positions
         longest = max(mb.seq_len for mb in micro_batches)
         for o, mb in zip(outs, micro_batches):

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nat_megatron.checkpoint.dist_ckpt import mark_latest, save_checkpoint
-from nat_megatron.checkpoint.lock import hold_checkpoint_dir
-from nat_megatron.checkpoint.resume import check_run, resume_checkpoint
 from nat_megatron.checkpoint.hf_io import HFReader, write_hf_export
 from nat_megatron.checkpoint.hf_mapping import load_hf_weights
+from nat_megatron.checkpoint.lock import hold_checkpoint_dir
+from nat_megatron.checkpoint.resume import check_run, resume_checkpoint
 from nat_megatron.config import Config
 from nat_megatron.data.dataset import load_dataset
 from nat_megatron.data.iterator import DataIterator
@@ -40,10 +40,10 @@ from nat_megatron.nat.selection import Selection, sample, selection_generators
 from nat_megatron.parallel.distributed import cpu_group, init_distributed, replica_ranks, shutdown
 from nat_megatron.parallel.layout import token_multiple
 from nat_megatron.rewards.bingo import DynamicLambda, ReferenceLengths, bingo_bonus
-from nat_megatron.rewards.registry import score_batch
-from nat_megatron.rewards.significance import build_scorer, count_significant
 from nat_megatron.rewards.passk import mean_and_se, pass_at_k
+from nat_megatron.rewards.registry import score_batch
 from nat_megatron.rewards.shaping import overlong_penalty
+from nat_megatron.rewards.significance import build_scorer, count_significant
 from nat_megatron.rollout.distribute import RolloutBatch, StepScores, collect, gather_scores
 from nat_megatron.rollout.engine import SamplingConfig
 from nat_megatron.rollout.layout import EngineLayout, choose_groups, request_seed
@@ -57,8 +57,16 @@ from nat_megatron.train.token_stats import token_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What the progress line shows of a step (TensorBoard gets every scalar).
-PROGRESS_KEYS = ("reward/mean", "reward/accuracy", "loss", "grad_norm", "nat/kept_fraction",
-                 "logprob_mismatch/mean", "loss/kl_mean", "rollout/tokens_per_s")
+PROGRESS_KEYS = (
+    "reward/mean",
+    "reward/accuracy",
+    "loss",
+    "grad_norm",
+    "nat/kept_fraction",
+    "logprob_mismatch/mean",
+    "loss/kl_mean",
+    "rollout/tokens_per_s",
+)
 
 
 def _repeat(items: list, n: int) -> list:
@@ -69,9 +77,15 @@ def _repeat(items: list, n: int) -> list:
 def _samples(batch: RolloutBatch) -> list[Sample]:
     """The replica's completions as training samples: rollout log-probs are pi_old until the
     trainer recomputes them; advantages come later (Trainer.advantages)."""
-    return [Sample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(c.token_ids, dtype=torch.long),
-                   old_logprobs=torch.tensor(c.logprobs, dtype=torch.float32), advantage=0.0)
-            for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)]
+    return [
+        Sample(
+            prompt=torch.tensor(p.prompt_ids),
+            response=torch.tensor(c.token_ids, dtype=torch.long),
+            old_logprobs=torch.tensor(c.logprobs, dtype=torch.float32),
+            advantage=0.0,
+        )
+        for p, c in zip(_repeat(batch.prompts, batch.group_size), batch.completions)
+    ]
 
 
 class Trainer:
@@ -89,21 +103,31 @@ class Trainer:
         self.arch = cfg.model.arch()
         self.model = self._build_model()
         self.optimizer = build_optimizer(
-            self.model, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-            clip_grad=cfg.optim.clip_grad, adam_beta1=cfg.optim.adam_beta1,
-            adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
+            self.model,
+            lr=cfg.optim.lr,
+            min_lr=cfg.optim.min_lr,
+            weight_decay=cfg.optim.weight_decay,
+            clip_grad=cfg.optim.clip_grad,
+            adam_beta1=cfg.optim.adam_beta1,
+            adam_beta2=cfg.optim.adam_beta2,
+            adam_eps=cfg.optim.adam_eps,
             use_distributed_optimizer=cfg.optim.distributed_optimizer,
-            bf16=cfg.model.dtype == "bf16")
-        self.scheduler = build_scheduler(self.optimizer, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-                                         warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps)
+            bf16=cfg.model.dtype == "bf16",
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            lr=cfg.optim.lr,
+            min_lr=cfg.optim.min_lr,
+            warmup_steps=cfg.optim.warmup_steps,
+            total_steps=cfg.train.steps,
+        )
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         dataset = load_dataset(cfg.data, self.tokenizer, reward=cfg.reward.name)
         if self.rank == 0 and dataset.skipped:
             print(dataset.report(), flush=True)
-        self.data = DataIterator(dataset.examples, batch_size=cfg.train.prompts_per_step,
-                                 seed=cfg.train.seed)
+        self.data = DataIterator(dataset.examples, batch_size=cfg.train.prompts_per_step, seed=cfg.train.seed)
         self.prompt_key = {ex.uid: i for i, ex in enumerate(dataset.examples)}
         self.data_fingerprint = dataset.fingerprint()
         self.eval_prompts = None
@@ -116,8 +140,9 @@ class Trainer:
         self._resume()
         # Rollout: this rank's engine, and which replica trains what (rollout/layout.py).
         r = cfg.rollout
-        self.sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p,
-                                       max_new_tokens=r.max_new_tokens, n=r.group_size)
+        self.sampling = SamplingConfig(
+            temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, n=r.group_size
+        )
         self.engines = EngineLayout(world=dist.get_world_size(), tp=r.tp)
         self.replica_of = [None] * dist.get_world_size()
         dist.all_gather_object(self.replica_of, parallel_state.get_data_parallel_rank(), group=cpu_group())
@@ -130,8 +155,9 @@ class Trainer:
             self.ref_lengths = self._reference_lengths()
         if self.step > 0:  # the engines start from the HF weights: bring them to the checkpoint
             self.sync()
-        self.telemetry = Telemetry(cfg.telemetry, total_steps=cfg.train.steps, start_step=self.step,
-                                   progress_keys=PROGRESS_KEYS)
+        self.telemetry = Telemetry(
+            cfg.telemetry, total_steps=cfg.train.steps, start_step=self.step, progress_keys=PROGRESS_KEYS
+        )
 
     # ----------------------------------------------------------------- set-up
     def _weights_dir(self) -> Path:
@@ -141,8 +167,10 @@ class Trainer:
         dist.barrier()
         path = path or self.cfg.model.weights_dir()
         if path is None:
-            raise ValueError("model: the RL trainer needs weights: set model.hf_dir (or a preset "
-                             "that ships weights, e.g. smollm2-135m-instruct)")
+            raise ValueError(
+                "model: the RL trainer needs weights: set model.hf_dir (or a preset "
+                "that ships weights, e.g. smollm2-135m-instruct)"
+            )
         return Path(path)
 
     def _build_model(self, wrap: bool = True) -> list:
@@ -150,8 +178,13 @@ class Trainer:
         of the initial weights: the reference policy."""
         from nat_megatron.tune.constants import RECOMPUTE  # the one recompute -> Megatron mapping
 
-        chunks = build_model(self.arch, self.layout, dtype=DTYPES[self.cfg.model.dtype], fp8=self.cfg.model.fp8,
-                             **RECOMPUTE[self.cfg.parallel.recompute])
+        chunks = build_model(
+            self.arch,
+            self.layout,
+            dtype=DTYPES[self.cfg.model.dtype],
+            fp8=self.cfg.model.fp8,
+            **RECOMPUTE[self.cfg.parallel.recompute],
+        )
         load_hf_weights(chunks, self.arch, HFReader(self.hf_dir))
         if not wrap:
             for chunk in chunks:
@@ -164,10 +197,16 @@ class Trainer:
         from nat_megatron.rollout.engine import RolloutEngine
 
         r = self.cfg.rollout
-        return RolloutEngine(str(self.hf_dir), tp=r.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[r.dtype],
-                             max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
-                             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
-                             seed=self.cfg.train.seed, log_file=self._vllm_log())
+        return RolloutEngine(
+            str(self.hf_dir),
+            tp=r.tp,
+            dtype={"fp32": "float32", "bf16": "bfloat16"}[r.dtype],
+            max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            kv_cache_gb=r.kv_cache_gb,
+            seed=self.cfg.train.seed,
+            log_file=self._vllm_log(),
+        )
 
     def _vllm_log(self) -> str | None:
         """vLLM's chatter goes to <run>/logs/vllm.rank<r>.log (the run: checkpoint.dir's parent),
@@ -177,15 +216,17 @@ class Trainer:
         return str(Path(self.cfg.checkpoint.dir).parent / "logs" / f"vllm.rank{self.rank}.log")
 
     # ------------------------------------------------------------ the RL step
-    def generate(self, prompts, *, step: int, sampling: SamplingConfig | None = None,
-                 offset: int = 0) -> tuple[range, list]:
+    def generate(
+        self, prompts, *, step: int, sampling: SamplingConfig | None = None, offset: int = 0
+    ) -> tuple[range, list]:
         """This rank's engine samples its share of `prompts` (rollout/layout.py), each prompt
         with its own seed (from its index + offset in the step): a resumed run samples exactly
         what the uninterrupted one did. Returns (the share's indices, their groups)."""
         share = self.engines.prompt_share(self.engines.engine_of(self.rank), len(prompts))
         seeds = [request_seed(self.cfg.train.seed, step, offset + i) for i in share]
-        return share, self.engine.generate([list(prompts[i].prompt_ids) for i in share],
-                                           sampling or self.sampling, seeds)
+        return share, self.engine.generate(
+            [list(prompts[i].prompt_ids) for i in share], sampling or self.sampling, seeds
+        )
 
     def rollout(self, prompts) -> tuple[dict, list, StepScores, list[int], dict]:
         """Sample and score the step's groups; with rollout.filter_groups (DAPO's dynamic
@@ -207,11 +248,22 @@ class Trainer:
             dist.barrier(group=cpu_group())  # every engine done: the generation's wall time
             generate_s += time.perf_counter() - t0
             mine.update({offset + i: g for i, g in zip(share, groups)})
-            more = gather_scores(groups, share, len(prompts), layout=self.engines, group=cpu_group(),
-                                 score=lambda idx, comps: self.score(every, [offset + i for i in idx], comps))
-            more.rewards = more.rewards + overlong_penalty(more.lengths, max_len=r.max_new_tokens,
-                                                           buffer=self.cfg.reward.overlong_buffer,
-                                                           penalty=self.cfg.reward.overlong_penalty)
+            more = gather_scores(
+                groups,
+                share,
+                len(prompts),
+                layout=self.engines,
+                group=cpu_group(),
+                score=lambda idx, comps, every=every, offset=offset: self.score(
+                    every, [offset + i for i in idx], comps
+                ),
+            )
+            more.rewards = more.rewards + overlong_penalty(
+                more.lengths,
+                max_len=r.max_new_tokens,
+                buffer=self.cfg.reward.overlong_buffer,
+                penalty=self.cfg.reward.overlong_penalty,
+            )
             scores = more if scores is None else scores + more
             need = self.cfg.train.prompts_per_step
             if not r.filter_groups or int(scores.informative().sum()) >= need or rounds >= r.max_resample:
@@ -223,8 +275,13 @@ class Trainer:
         if r.filter_groups:
             useful = scores.informative()
             keep = choose_groups(useful.tolist(), need, self.layout.dp)
-            metrics.update({"rollout/informative_groups": int(useful.sum()), "rollout/resample_rounds": rounds,
-                            "rollout/trained_groups": len(keep)})
+            metrics.update(
+                {
+                    "rollout/informative_groups": int(useful.sum()),
+                    "rollout/resample_rounds": rounds,
+                    "rollout/trained_groups": len(keep),
+                }
+            )
         return mine, every, scores, keep, metrics
 
     def score(self, prompts, prompt_indices: list[int], completions: list) -> list:
@@ -232,8 +289,9 @@ class Trainer:
         if not completions:  # batch_decode([]) returns one empty text
             return []
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        scores = score_batch(self.cfg.reward.name, texts, [prompts[i].answer for i in prompt_indices],
-                             timeout=self.cfg.reward.timeout)
+        scores = score_batch(
+            self.cfg.reward.name, texts, [prompts[i].answer for i in prompt_indices], timeout=self.cfg.reward.timeout
+        )
         return [(float(r), bool(c), st) for r, c, st in zip(scores.rewards, scores.correct, scores.statuses)]
 
     def train_step(self) -> dict:
@@ -243,8 +301,16 @@ class Trainer:
             mine, every, scores, keep, metrics = self.rollout(prompts)
             self.engine.sleep()  # GPU memory to the trainer until the weight sync
         with tel.phase("route"):  # each group to the replica that trains it
-            batch = collect(mine, every, keep, scores, layout=self.engines, replicas=self.layout.dp,
-                            replica_of=self.replica_of, group=cpu_group())
+            batch = collect(
+                mine,
+                every,
+                keep,
+                scores,
+                layout=self.engines,
+                replicas=self.layout.dp,
+                replica_of=self.replica_of,
+                group=cpu_group(),
+            )
         if cfg.reward.bingo.enabled:
             with tel.phase("reward"):
                 batch.rewards = batch.rewards + self.bingo_bonus(batch, metrics)
@@ -255,39 +321,55 @@ class Trainer:
         with tel.phase("logprobs"):
             samples = self.policy_inputs(samples, selection, metrics)
         with tel.phase("train"):
-            updates = [self.update(samples, selection, part)
-                       for _ in range(cfg.train.epochs)
-                       for part in torch.arange(len(samples)).tensor_split(cfg.train.mini_batches)]
+            updates = [
+                self.update(samples, selection, part)
+                for _ in range(cfg.train.epochs)
+                for part in torch.arange(len(samples)).tensor_split(cfg.train.mini_batches)
+            ]
             self.scheduler.step(increment=1)  # the LR schedule counts RL steps
         with tel.phase("sync"):
             sync = self.sync()
         self.step += 1
         n_tokens = int(batch.step_lengths.sum())
         n_rewards, r_sum, r_sq, w_sum, w_kept = self._over_replicas(
-            len(batch.rewards), float(batch.rewards.sum()), float(batch.rewards.square().sum()),
-            float(selection.weights.sum()), selection.kept_tokens)
+            len(batch.rewards),
+            float(batch.rewards.sum()),
+            float(batch.rewards.square().sum()),
+            float(selection.weights.sum()),
+            selection.kept_tokens,
+        )
         w_max = self._max_over_ranks(selection.weight_max)
         r_mean = r_sum / max(n_rewards, 1)
-        r_std = math.sqrt(max(r_sq - n_rewards * r_mean ** 2, 0.0) / max(n_rewards - 1, 1))
+        r_std = math.sqrt(max(r_sq - n_rewards * r_mean**2, 0.0) / max(n_rewards - 1, 1))
         first = updates[0]  # its weights are the rollout's: the engine-vs-trainer gap is meaningful
         metrics.setdefault("logprob_mismatch/mean", first["mismatch"][0])
         metrics.setdefault("logprob_mismatch/max", first["mismatch"][1])
-        kept, forward = (sum(u["tokens"][i] for u in updates[:cfg.train.mini_batches]) for i in (0, 1))
-        return {"reward/mean": r_mean, "reward/std": r_std,
-                "reward/accuracy": float(batch.step_correct.float().mean()),
-                **{f"reward/status_{k}": v for k, v in sorted(batch.status.items())},
-                "response/length_mean": n_tokens / max(batch.step_lengths.numel(), 1),
-                "nat/kept_fraction": kept / max(n_tokens, 1), "nat/weight_max": w_max,
-                "nat/weight_mean": w_sum / max(w_kept, 1),
-                "loss": sum(u["loss"] for u in updates) / len(updates),
-                "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
-                **{f"loss/{k}": sum(u["metrics"][k] for u in updates) / len(updates) for k in first["metrics"]
-                   if k != "ratio_max"},
-                "loss/ratio_max": max(u["metrics"]["ratio_max"] for u in updates),
-                "lr": self.optimizer.param_groups[0]["lr"], "tokens/generated": n_tokens,
-                "tokens/kept": kept, "tokens/forward": forward,
-                "rollout/tokens_per_s": n_tokens / max(metrics["rollout/generate_s"], 1e-9),
-                "sync/gb": sync["bytes"] / 1024**3, **metrics}
+        kept, forward = (sum(u["tokens"][i] for u in updates[: cfg.train.mini_batches]) for i in (0, 1))
+        return {
+            "reward/mean": r_mean,
+            "reward/std": r_std,
+            "reward/accuracy": float(batch.step_correct.float().mean()),
+            **{f"reward/status_{k}": v for k, v in sorted(batch.status.items())},
+            "response/length_mean": n_tokens / max(batch.step_lengths.numel(), 1),
+            "nat/kept_fraction": kept / max(n_tokens, 1),
+            "nat/weight_max": w_max,
+            "nat/weight_mean": w_sum / max(w_kept, 1),
+            "loss": sum(u["loss"] for u in updates) / len(updates),
+            "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
+            **{
+                f"loss/{k}": sum(u["metrics"][k] for u in updates) / len(updates)
+                for k in first["metrics"]
+                if k != "ratio_max"
+            },
+            "loss/ratio_max": max(u["metrics"]["ratio_max"] for u in updates),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens/generated": n_tokens,
+            "tokens/kept": kept,
+            "tokens/forward": forward,
+            "rollout/tokens_per_s": n_tokens / max(metrics["rollout/generate_s"], 1e-9),
+            "sync/gb": sync["bytes"] / 1024**3,
+            **metrics,
+        }
 
     def policy_inputs(self, samples: list[Sample], selection: Selection, metrics: dict) -> list[Sample]:
         """What the loss needs beyond the rollout, on the kept positions only (forward-only passes
@@ -298,13 +380,14 @@ class Trainer:
         keep = selection.mask
         if loss.kl_beta > 0:
             ref = self.forward_stats(self.ref_model, samples, keep)["logprobs"]
-            samples = [dataclasses.replace(s, ref_logprobs=ref[j, :len(s.response)].clone())
-                       for j, s in enumerate(samples)]
+            samples = [
+                dataclasses.replace(s, ref_logprobs=ref[j, : len(s.response)].clone()) for j, s in enumerate(samples)
+            ]
         if loss.old_logprobs == "recompute":
             old = self.forward_stats(self.model, samples, keep)["logprobs"]
             rollout = torch.zeros_like(old)
             for j, s in enumerate(samples):
-                rollout[j, :len(s.old_logprobs)] = s.old_logprobs
+                rollout[j, : len(s.old_logprobs)] = s.old_logprobs
             log_w = (old - rollout)[keep]
             n, gap_sum = self._over_replicas(log_w.numel(), float(log_w.abs().sum()))
             metrics["logprob_mismatch/mean"] = gap_sum / max(n, 1)
@@ -314,12 +397,21 @@ class Trainer:
                 w = torch.exp(old - rollout)
                 tis = torch.where(keep, w.clamp(max=loss.tis_cap), torch.ones_like(w))
                 _, w_sum, capped = self._over_replicas(n, float(tis[keep].sum()), int((w[keep] > loss.tis_cap).sum()))
-                metrics.update({"tis/weight_mean": w_sum / max(n, 1), "tis/capped_fraction": capped / max(n, 1),
-                                 "tis/weight_max": self._max_over_ranks(float(tis[keep].max()) if keep.any() else 1.0)})
-            samples = [dataclasses.replace(s, old_logprobs=torch.where(keep[j, :len(s.response)],
-                                                                       old[j, :len(s.response)], s.old_logprobs),
-                                           tis_weights=None if tis is None else tis[j, :len(s.response)].clone())
-                       for j, s in enumerate(samples)]
+                metrics.update(
+                    {
+                        "tis/weight_mean": w_sum / max(n, 1),
+                        "tis/capped_fraction": capped / max(n, 1),
+                        "tis/weight_max": self._max_over_ranks(float(tis[keep].max()) if keep.any() else 1.0),
+                    }
+                )
+            samples = [
+                dataclasses.replace(
+                    s,
+                    old_logprobs=torch.where(keep[j, : len(s.response)], old[j, : len(s.response)], s.old_logprobs),
+                    tis_weights=None if tis is None else tis[j, : len(s.response)].clone(),
+                )
+                for j, s in enumerate(samples)
+            ]
         return samples
 
     def update(self, samples: list[Sample], selection: Selection, part: torch.Tensor) -> dict:
@@ -327,15 +419,27 @@ class Trainer:
         is its own (the full lengths of its samples over all replicas), as in the peers."""
         cfg = self.cfg
         mine = [samples[i] for i in part.tolist()]
-        sel = Selection(mask=selection.mask[part], prob=selection.prob[part], cut=selection.cut[part],
-                        lengths=selection.lengths[part])
-        micro_batches = build_micro_batches(mine, sel, aggregation=cfg.loss.aggregation, **self._micro_batching(len(mine)))
+        sel = Selection(
+            mask=selection.mask[part],
+            prob=selection.prob[part],
+            cut=selection.cut[part],
+            lengths=selection.lengths[part],
+        )
+        micro_batches = build_micro_batches(
+            mine, sel, aggregation=cfg.loss.aggregation, **self._micro_batching(len(mine))
+        )
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outs = forward_backward(self.model, micro_batches, nat_loss_fn(cfg.loss),
-                                vocab_size=self.arch.vocab_size, output_mask=KEPT_FIELD,
-                                entropy=cfg.loss.entropy_coef > 0, temperature=cfg.rollout.temperature)
+        outs = forward_backward(
+            self.model,
+            micro_batches,
+            nat_loss_fn(cfg.loss),
+            vocab_size=self.arch.vocab_size,
+            output_mask=KEPT_FIELD,
+            entropy=cfg.loss.entropy_coef > 0,
+            temperature=cfg.rollout.temperature,
+        )
         out = self._reduce_last_stage(outs, micro_batches)
         grad_norm = float("nan")
         finite = math.isfinite(out["loss"])
@@ -353,16 +457,26 @@ class Trainer:
     def forward_stats(self, model: list, samples: list[Sample], keep: torch.Tensor, **kwargs) -> dict:
         """Forward-only per-token statistics of `model` at the `keep` positions (token_stats.py),
         of the distribution the engines sample from (logits / rollout.temperature)."""
-        return token_stats(model, samples, keep, vocab_size=self.arch.vocab_size, layout=self.layout,
-                           micro_batching=self._micro_batching(len(samples)),
-                           temperature=self.cfg.rollout.temperature, **kwargs)
+        return token_stats(
+            model,
+            samples,
+            keep,
+            vocab_size=self.arch.vocab_size,
+            layout=self.layout,
+            micro_batching=self._micro_batching(len(samples)),
+            temperature=self.cfg.rollout.temperature,
+            **kwargs,
+        )
 
     def _micro_batching(self, n: int) -> dict:
         """build_micro_batches' grouping options for n samples (parallel.*): by a token budget,
         or micro_batch_size sequences each; lengths padded to the layout's (and FP8's) multiple."""
         p = self.cfg.parallel
-        size = ({"max_tokens": p.max_tokens_per_micro_batch} if p.max_tokens_per_micro_batch
-                else {"num_micro_batches": -(-n // p.micro_batch_size)})
+        size = (
+            {"max_tokens": p.max_tokens_per_micro_batch}
+            if p.max_tokens_per_micro_batch
+            else {"num_micro_batches": -(-n // p.micro_batch_size)}
+        )
         return {"seq_multiple": self.seq_multiple, "pad_rows": self.layout.vpp is not None, **size}
 
     def select(self, batch: RolloutBatch) -> Selection:
@@ -374,8 +488,9 @@ class Trainer:
         gens = selection_generators(self.cfg.train.seed, self.step, ids)
         return sample(nat.scheme, nat.budget, lengths, gens, **nat.options())
 
-    def advantages(self, batch: RolloutBatch, samples: list[Sample], selection: Selection,
-                   metrics: dict) -> list[Sample]:
+    def advantages(
+        self, batch: RolloutBatch, samples: list[Sample], selection: Selection, metrics: dict
+    ) -> list[Sample]:
         """GRPO: one group-normalised advantage per response. OTB (nat/otb.py): one per token.
 
         Groups are whole on a replica, so both are computed from this replica's samples. OTB's
@@ -390,17 +505,19 @@ class Trainer:
         kept = selection.mask
         last_kept = (kept * torch.arange(1, kept.shape[1] + 1)).amax(1)
         prefix = proxy_prefix_lengths(lengths, last_kept, group)
-        stats = self.forward_stats(self.model, samples, torch.arange(kept.shape[1])[None] < prefix[:, None],
-                                   sum_p2=True)
+        stats = self.forward_stats(
+            self.model, samples, torch.arange(kept.shape[1])[None] < prefix[:, None], sum_p2=True
+        )
         pos = torch.arange(stats["logprobs"].shape[1])[None]
         mask = pos < lengths[:, None]
         proxy = torch.where(pos < prefix[:, None], logit_gradient_proxy(stats["logprobs"], stats["sum_p2"]), 0.0)
         adv = optimal_token_baseline(outcome_returns(batch.rewards, mask), proxy, mask, group)
         proxy_tokens, abs_sum, n_valid = self._over_replicas(
-            int(prefix.sum()), float(adv.abs()[mask].sum()), int(mask.sum()))
+            int(prefix.sum()), float(adv.abs()[mask].sum()), int(mask.sum())
+        )
         metrics["otb/proxy_tokens"] = int(proxy_tokens)
         metrics["otb/advantage_abs_mean"] = abs_sum / max(n_valid, 1)
-        return [dataclasses.replace(s, advantage=adv[j, :len(s.response)].clone()) for j, s in enumerate(samples)]
+        return [dataclasses.replace(s, advantage=adv[j, : len(s.response)].clone()) for j, s in enumerate(samples)]
 
     def bingo_bonus(self, batch: RolloutBatch, metrics: dict) -> torch.Tensor:
         """Bingo's significance-aware length reward (rewards/bingo.py) for this replica's samples."""
@@ -419,15 +536,29 @@ class Trainer:
         ref_sig, ref_insig = self.ref_lengths.get(keys)
         accuracy = float(batch.step_correct.float().mean())
         lam = self.bingo_lambda.update(self.step + 1, accuracy)
-        bonus = bingo_bonus(batch.correct, n_sig, n_insig, ref_sig, ref_insig,
-                            lambda_c=b.lambda_c, lambda_wn=b.lambda_wn, lambda_we=b.lambda_we,
-                            lambda_we_prime=lam)
+        bonus = bingo_bonus(
+            batch.correct,
+            n_sig,
+            n_insig,
+            ref_sig,
+            ref_insig,
+            lambda_c=b.lambda_c,
+            lambda_wn=b.lambda_wn,
+            lambda_we=b.lambda_we,
+            lambda_we_prime=lam,
+        )
         n, bonus_sum, sig_sum, insig_sum, corr_sum = self._over_replicas(
-            len(bonus), float(bonus.sum()), float(n_sig.sum()), float(n_insig.sum()), float(batch.rewards.sum()))
-        metrics.update({"bingo/bonus_mean": bonus_sum / max(n, 1), "bingo/lambda_we_prime": lam,
-                        "bingo/significant_mean": sig_sum / max(n, 1),
-                        "bingo/insignificant_mean": insig_sum / max(n, 1),
-                        "reward/correctness_mean": corr_sum / max(n, 1)})
+            len(bonus), float(bonus.sum()), float(n_sig.sum()), float(n_insig.sum()), float(batch.rewards.sum())
+        )
+        metrics.update(
+            {
+                "bingo/bonus_mean": bonus_sum / max(n, 1),
+                "bingo/lambda_we_prime": lam,
+                "bingo/significant_mean": sig_sum / max(n, 1),
+                "bingo/insignificant_mean": insig_sum / max(n, 1),
+                "reward/correctness_mean": corr_sum / max(n, 1),
+            }
+        )
         return bonus
 
     def _reference_lengths(self) -> ReferenceLengths:
@@ -469,8 +600,9 @@ class Trainer:
     def sync(self) -> dict:
         """The trainer's weights into every engine (woken for it on GPU); seconds and bytes."""
         self.engine.wake_up(["weights"])
-        out = sync_weights(self.model, self.arch, self.engine,
-                           bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 1024**2))
+        out = sync_weights(
+            self.model, self.arch, self.engine, bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 1024**2)
+        )
         self.engine.wake_up(["kv_cache"])
         return out
 
@@ -526,8 +658,12 @@ class Trainer:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=cpu_group())
         metrics = {name: float(s[6 + k] / s[5].clamp(min=1e-30)) for k, name in enumerate(means)}
         metrics["ratio_max"] = float(peak[1])
-        return {"loss": float(s[0] / s[1].clamp(min=1)), "mismatch": (float(s[2] / s[3].clamp(min=1)), float(peak[0])),
-                "tokens": (int(s[3]), int(s[4])), "metrics": metrics}
+        return {
+            "loss": float(s[0] / s[1].clamp(min=1)),
+            "mismatch": (float(s[2] / s[3].clamp(min=1)), float(peak[0])),
+            "tokens": (int(s[3]), int(s[4])),
+            "metrics": metrics,
+        }
 
     def _count_skip(self, finite: bool, loss: float, grad_norm) -> None:
         """NaN/inf loss or grad norm: skip this update, go on; too many in a row stop the run."""
@@ -536,19 +672,24 @@ class Trainer:
             return
         self.skipped_in_a_row += 1
         if self.rank == 0:
-            print(f"step {self.step + 1}: non-finite loss {loss} / grad norm {grad_norm}: update skipped",
-                  flush=True)
+            print(f"step {self.step + 1}: non-finite loss {loss} / grad norm {grad_norm}: update skipped", flush=True)
         if self.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
-            raise RuntimeError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or "
-                               "gradient (train.max_skipped_steps); lower optim.lr or check the data")
+            raise RuntimeError(
+                f"{self.skipped_in_a_row} steps in a row had a non-finite loss or "
+                "gradient (train.max_skipped_steps); lower optim.lr or check the data"
+            )
 
     # ----------------------------------------------------------- checkpoints
     def save(self) -> None:
         root = Path(self.cfg.checkpoint.dir)
         name = f"step_{self.step:06d}"
-        extra = {"step": self.step, "data": self.data.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "skipped_in_a_row": self.skipped_in_a_row,
-                 "bingo_lambda": self.bingo_lambda.state_dict() if self.bingo_lambda else None}
+        extra = {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "skipped_in_a_row": self.skipped_in_a_row,
+            "bingo_lambda": self.bingo_lambda.state_dict() if self.bingo_lambda else None,
+        }
         meta = {"step": self.step, "config": self.cfg.to_dict(), "data_fingerprint": self.data_fingerprint}
         save_checkpoint(root / name, self.model, optimizer=self.optimizer, extra=extra, meta=meta)
         if self.rank == 0:
@@ -560,9 +701,15 @@ class Trainer:
         resume = self.cfg.checkpoint.resume
         if resume == "never":
             return
-        found = resume_checkpoint(self.cfg.checkpoint.dir, None if resume == "auto" else resume, self.model,
-                                  optimizer=self.optimizer, check=lambda path, meta: check_run(
-                                      path, meta, config=self.cfg.to_dict(), fingerprint=self.data_fingerprint))
+        found = resume_checkpoint(
+            self.cfg.checkpoint.dir,
+            None if resume == "auto" else resume,
+            self.model,
+            optimizer=self.optimizer,
+            check=lambda path, meta: check_run(
+                path, meta, config=self.cfg.to_dict(), fingerprint=self.data_fingerprint
+            ),
+        )
         if found is None:
             return
         path, extra = found
@@ -578,8 +725,9 @@ class Trainer:
     def export_hf(self, out: str | Path) -> None:
         """Write the current weights as a Hugging Face directory (rank 0 writes; all ranks send),
         into a temporary directory renamed into place when complete."""
-        write_hf_export(out, hf_weight_stream(self.model, self.arch, to=0), source_dir=self.hf_dir,
-                        write=self.rank == 0)
+        write_hf_export(
+            out, hf_weight_stream(self.model, self.arch, to=0), source_dir=self.hf_dir, write=self.rank == 0
+        )
         dist.barrier()
 
     def evaluate(self) -> dict:
@@ -591,11 +739,20 @@ class Trainer:
         prompts = self.eval_prompts
         start = time.perf_counter()
         share, groups = self.generate(prompts, step=-2, sampling=sampling)
-        scores = gather_scores(groups, share, len(prompts), layout=self.engines, group=cpu_group(),
-                               score=lambda idx, comps: self.score(prompts, idx, comps))
+        scores = gather_scores(
+            groups,
+            share,
+            len(prompts),
+            layout=self.engines,
+            group=cpu_group(),
+            score=lambda idx, comps: self.score(prompts, idx, comps),
+        )
         correct = scores.correct.view(len(prompts), k).sum(1).tolist()
-        out = {"eval/prompts": len(prompts), "eval/seconds": time.perf_counter() - start,
-               "eval/response_length_mean": float(scores.lengths.float().mean())}
+        out = {
+            "eval/prompts": len(prompts),
+            "eval/seconds": time.perf_counter() - start,
+            "eval/response_length_mean": float(scores.lengths.float().mean()),
+        }
         for kk in sorted({1, k}):
             mean, se = mean_and_se([pass_at_k(k, c, kk) for c in correct])
             out[f"eval/pass@{kk}"], out[f"eval/pass@{kk}_se"] = mean, se
@@ -604,10 +761,12 @@ class Trainer:
     def log_eval(self, scalars: dict) -> None:
         k = self.cfg.eval.samples_per_prompt
         how = "greedy" if k == 1 else f"{k} samples at T={self.cfg.rollout.temperature}"
-        line = (f"eval after step {self.step}: pass@1 {scalars['eval/pass@1']:.4f} +- "
-                f"{scalars['eval/pass@1_se']:.4f}"
-                + (f", pass@{k} {scalars[f'eval/pass@{k}']:.4f} +- {scalars[f'eval/pass@{k}_se']:.4f}" if k > 1 else "")
-                + f" ({int(scalars['eval/prompts'])} prompts, {how}, {scalars['eval/seconds']:.0f}s)")
+        line = (
+            f"eval after step {self.step}: pass@1 {scalars['eval/pass@1']:.4f} +- "
+            f"{scalars['eval/pass@1_se']:.4f}"
+            + (f", pass@{k} {scalars[f'eval/pass@{k}']:.4f} +- {scalars[f'eval/pass@{k}_se']:.4f}" if k > 1 else "")
+            + f" ({int(scalars['eval/prompts'])} prompts, {how}, {scalars['eval/seconds']:.0f}s)"
+        )
         self.telemetry.log_scalars(self.step, scalars, line)
 
     # ------------------------------------------------------------------ loop

@@ -41,8 +41,7 @@ RECOMPUTE = {
     # MLP recompute: the dense MLP's internals (5f per token) are recomputed in the backward;
     # core_attn is not listed because flash/fused attention keeps no [s, s] scores anyway.
     "selective": {"recompute_granularity": "selective", "recompute_modules": ["mlp"]},
-    "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-             "recompute_num_layers": 1},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
 }
 
 # Colocated rollout engine (vLLM, rollout/engine.py): while it generates it takes
@@ -95,12 +94,22 @@ class Device:
 
 
 H100 = Device(
-    name="h100", mem_gb=80.0, peak_flops=989e12, mfu=0.40, hbm_bw=3.35e12,
-    intra_node_bw=360e9, inter_node_bw=40e9, latency_s=20e-6,
-    param_bytes=2, act_bytes=2, backend="te", deallocate_pipeline_outputs=True,
+    name="h100",
+    mem_gb=80.0,
+    peak_flops=989e12,
+    mfu=0.40,
+    hbm_bw=3.35e12,
+    intra_node_bw=360e9,
+    inter_node_bw=40e9,
+    latency_s=20e-6,
+    param_bytes=2,
+    act_bytes=2,
+    backend="te",
+    deallocate_pipeline_outputs=True,
     # ~0.6 GiB CUDA context, ~1.0 GiB for NCCL communicators of the TP/PP/DP/CP groups,
     # ~0.4 GiB cuBLAS + TE workspaces.
-    workspace_gb=2.0, fragmentation=0.05,
+    workspace_gb=2.0,
+    fragmentation=0.05,
 )
 
 # One gloo process on this CPU, as --validate runs it: fp32 everything, model/layers.py's SDPA
@@ -108,10 +117,20 @@ H100 = Device(
 # workspace, no allocator). The speed figures are rough (one core, loopback TCP); memory is
 # what the CPU check is for.
 CPU = Device(
-    name="cpu", mem_gb=16.0, peak_flops=50e9, mfu=0.5, hbm_bw=10e9,
-    intra_node_bw=1e9, inter_node_bw=1e9, latency_s=100e-6,
-    param_bytes=4, act_bytes=4, backend="sdpa", deallocate_pipeline_outputs=False,
-    workspace_gb=0.0, fragmentation=0.0,
+    name="cpu",
+    mem_gb=16.0,
+    peak_flops=50e9,
+    mfu=0.5,
+    hbm_bw=10e9,
+    intra_node_bw=1e9,
+    inter_node_bw=1e9,
+    latency_s=100e-6,
+    param_bytes=4,
+    act_bytes=4,
+    backend="sdpa",
+    deallocate_pipeline_outputs=False,
+    workspace_gb=0.0,
+    fragmentation=0.0,
 )
 
 DEVICES = {"h100": H100, "cpu": CPU}

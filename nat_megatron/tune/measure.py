@@ -73,7 +73,7 @@ class PeakMemory:
     def __init__(self):
         self._mode = None if torch.cuda.is_available() else LiveTensorBytes()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self._mode is not None:
             self._mode.__enter__()
         return self

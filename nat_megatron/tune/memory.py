@@ -15,7 +15,8 @@ last stage, or one recomputed layer (or MLP) in the backward, whichever is large
 
 Plus the colocated rollout engine (vLLM) when asked for: asleep during training (a residual
 only); `rollout_peak` is the other phase, the engine generating next to the trainer's resident
-state. And a fixed CUDA/NCCL workspace with allocator slack (constants.py). Everything is in bytes until `MemoryEstimate.gb`.
+state. And a fixed CUDA/NCCL workspace with allocator slack (constants.py). Everything is in bytes
+until `MemoryEstimate.gb`.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class MemoryEstimate:
     @property
     def total(self) -> float:
         """Sum of all terms, bytes."""
-        return (self.weights + self.grads + self.optimizer + self.activations + self.logits
-                + self.rollout + self.workspace)
+        return (
+            self.weights + self.grads + self.optimizer + self.activations + self.logits + self.rollout + self.workspace
+        )
 
     @property
     def resident(self) -> float:
@@ -105,8 +107,11 @@ def static_bytes(arch: ModelArch, plan: Plan, dev: C.Device, stage: int) -> dict
     """Weights, fp32 main grads and Adam states of one stage's TP rank."""
     n = stage_params(arch, plan.layout, stage)
     shard = plan.layout.dp * plan.layout.cp if plan.distributed_optimizer else 1
-    return {"weights": n * dev.param_bytes, "grads": n * C.GRAD_BYTES,
-            "optimizer": n * (dev.master_bytes + C.ADAM_STATE_BYTES) / shard}
+    return {
+        "weights": n * dev.param_bytes,
+        "grads": n * C.GRAD_BYTES,
+        "optimizer": n * (dev.master_bytes + C.ADAM_STATE_BYTES) / shard,
+    }
 
 
 def layer_terms(arch: ModelArch, layout: Layout, dev: C.Device) -> dict[str, float]:
@@ -142,8 +147,9 @@ def rope_bytes_per_layer(arch: ModelArch, layout: Layout, dev: C.Device, seq: fl
     return 4 * seq / layout.cp * arch.head_dim * dev.act_bytes
 
 
-def saved_per_layer(arch: ModelArch, layout: Layout, dev: C.Device, recompute: str,
-                    tokens: float, seq: float) -> tuple[float, float]:
+def saved_per_layer(
+    arch: ModelArch, layout: Layout, dev: C.Device, recompute: str, tokens: float, seq: float
+) -> tuple[float, float]:
     """(bytes a layer keeps until its backward, bytes its recompute briefly adds back)."""
     terms = layer_terms(arch, layout, dev)
     full = sum(terms.values()) * tokens + rope_bytes_per_layer(arch, layout, dev, seq)
@@ -158,10 +164,12 @@ def saved_per_layer(arch: ModelArch, layout: Layout, dev: C.Device, recompute: s
 
 def batch_shape(work: Workload, plan: Plan) -> BatchShape:
     """One DP rank's micro-batches under this plan (workload.py)."""
-    return work.batch_shape(sequences=-(-work.global_batch // plan.layout.dp),  # most loaded rank
-                            micro_batches=plan.num_microbatches(work),
-                            seq_multiple=plan.layout.seq_multiple,
-                            pad_to_step=plan.layout.vpp is not None)
+    return work.batch_shape(
+        sequences=-(-work.global_batch // plan.layout.dp),  # most loaded rank
+        micro_batches=plan.num_microbatches(work),
+        seq_multiple=plan.layout.seq_multiple,
+        pad_to_step=plan.layout.vpp is not None,
+    )
 
 
 def in_flight(layout: Layout, stage: int, m: int) -> int:
@@ -181,8 +189,7 @@ def logits_bytes_per_element(dev: C.Device, padded_shard: bool) -> float:
     return b + (4 * C.LOSS_PAD_MASK_TEMPS if padded_shard else 0)
 
 
-def activation_bytes(arch: ModelArch, plan: Plan, dev: C.Device, work: Workload,
-                     stage: int) -> dict[str, float]:
+def activation_bytes(arch: ModelArch, plan: Plan, dev: C.Device, work: Workload, stage: int) -> dict[str, float]:
     """Named activation terms of one stage's TP rank at its peak (bytes)."""
     lay, A, h = plan.layout, dev.act_bytes, arch.hidden_size
     m = plan.num_microbatches(work)
@@ -222,9 +229,16 @@ def activation_bytes(arch: ModelArch, plan: Plan, dev: C.Device, work: Workload,
     return out
 
 
-def rollout_plan(arch: ModelArch, *, mem_gb: float, seq_len: int, gpus_per_node: int = 8,
-                 utilization: float = C.ROLLOUT_GPU_MEMORY_UTILIZATION,
-                 tp: int | None = None, kv_cache_gb: float | None = None) -> dict:
+def rollout_plan(
+    arch: ModelArch,
+    *,
+    mem_gb: float,
+    seq_len: int,
+    gpus_per_node: int = 8,
+    utilization: float = C.ROLLOUT_GPU_MEMORY_UTILIZATION,
+    tp: int | None = None,
+    kv_cache_gb: float | None = None,
+) -> dict:
     """The colocated vLLM engine on each GPU: its TP size, weights, KV cache and the memory it
     holds while generating ("bytes") and while asleep during training ("asleep_bytes").
 
@@ -244,9 +258,11 @@ def rollout_plan(arch: ModelArch, *, mem_gb: float, seq_len: int, gpus_per_node:
         if tp or weights / t <= C.ROLLOUT_MAX_WEIGHT_SHARE * budget:
             break
     else:
-        raise ValueError(f"no rollout TP size up to {gpus_per_node} holds the {weights / C.GiB:.1f} "
-                         f"GB of bf16 weights in {utilization} x {mem_gb} GB; raise the "
-                         "rollout gpu_memory_utilization or set the rollout TP")
+        raise ValueError(
+            f"no rollout TP size up to {gpus_per_node} holds the {weights / C.GiB:.1f} "
+            f"GB of bf16 weights in {utilization} x {mem_gb} GB; raise the "
+            "rollout gpu_memory_utilization or set the rollout TP"
+        )
     kv_heads = max(1, arch.num_kv_heads // t)  # vLLM replicates KV heads when tp > kv heads
     kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * 2
     if kv_cache_gb is None:
@@ -254,15 +270,27 @@ def rollout_plan(arch: ModelArch, *, mem_gb: float, seq_len: int, gpus_per_node:
     else:
         kv = kv_cache_gb * C.GiB
         budget = weights / t + C.ROLLOUT_ACTIVATION_GB * C.GiB + kv
-    return {"tp": t, "gpu_memory_utilization": utilization, "bytes": budget,
-            "asleep_bytes": C.ROLLOUT_ASLEEP_GB * C.GiB,
-            "weights_gb": round(weights / t / C.GiB, 2), "kv_cache_gb": round(kv / C.GiB, 2),
-            "activation_gb": C.ROLLOUT_ACTIVATION_GB,
-            "kv_cache_sequences": max(0.0, kv) / (kv_per_token * seq_len)}
+    return {
+        "tp": t,
+        "gpu_memory_utilization": utilization,
+        "bytes": budget,
+        "asleep_bytes": C.ROLLOUT_ASLEEP_GB * C.GiB,
+        "weights_gb": round(weights / t / C.GiB, 2),
+        "kv_cache_gb": round(kv / C.GiB, 2),
+        "activation_gb": C.ROLLOUT_ACTIVATION_GB,
+        "kv_cache_sequences": max(0.0, kv) / (kv_per_token * seq_len),
+    }
 
 
-def estimate_memory(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, *,
-                    mem_gb: float | None = None, rollout: dict | None = None) -> MemoryEstimate:
+def estimate_memory(
+    arch: ModelArch,
+    plan: Plan,
+    work: Workload,
+    dev: C.Device,
+    *,
+    mem_gb: float | None = None,
+    rollout: dict | None = None,
+) -> MemoryEstimate:
     """Peak per-GPU memory of the most loaded pipeline stage."""
     mem_gb = dev.mem_gb if mem_gb is None else mem_gb
     best = None
@@ -272,8 +300,12 @@ def estimate_memory(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, 
         logits = act.pop("logits")
         tensors = sum(s.values()) + sum(act.values()) + logits
         est = MemoryEstimate(
-            stage=stage, weights=s["weights"], grads=s["grads"], optimizer=s["optimizer"],
-            activations=sum(act.values()), logits=logits,
+            stage=stage,
+            weights=s["weights"],
+            grads=s["grads"],
+            optimizer=s["optimizer"],
+            activations=sum(act.values()),
+            logits=logits,
             rollout=rollout["asleep_bytes"] if rollout else 0.0,
             workspace=dev.workspace_gb * C.GiB + dev.fragmentation * tensors,
             detail={k: v / C.GiB for k, v in act.items()},

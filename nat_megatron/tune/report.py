@@ -11,22 +11,40 @@ from nat_megatron.tune.search import SearchResult
 from nat_megatron.tune.workload import Workload
 
 
-def assumptions(arch: ModelArch, work: Workload, dev: C.Device, *, gpus: int, mem_gb: float,
-                gpus_per_node: int, rollout: dict | None) -> dict:
+def assumptions(
+    arch: ModelArch,
+    work: Workload,
+    dev: C.Device,
+    *,
+    gpus: int,
+    mem_gb: float,
+    gpus_per_node: int,
+    rollout: dict | None,
+) -> dict:
     """What the estimates assume, for the reader of the table or the JSON."""
     out = {
         "params_b": round(arch.num_params() / 1e9, 3),
-        "gpus": gpus, "gpus_per_node": gpus_per_node, "gpu_mem_gb": mem_gb,
-        "fit_headroom": C.FIT_HEADROOM, "device": dev.name,
-        "seq_len": work.seq_len, "response_len": work.response_len,
-        "global_batch": work.global_batch, "nat": f"{work.nat}:{work.budget:g}",
-        "expected_trained_len": round(work.mean_len, 1), "logits_on": work.logits_on,
+        "gpus": gpus,
+        "gpus_per_node": gpus_per_node,
+        "gpu_mem_gb": mem_gb,
+        "fit_headroom": C.FIT_HEADROOM,
+        "device": dev.name,
+        "seq_len": work.seq_len,
+        "response_len": work.response_len,
+        "global_batch": work.global_batch,
+        "nat": f"{work.nat}:{work.budget:g}",
+        "expected_trained_len": round(work.mean_len, 1),
+        "logits_on": work.logits_on,
         "nat_peak": work.nat_peak,
         "dtypes": {"params": dev.param_bytes, "activations": dev.act_bytes, "grads": C.GRAD_BYTES},
-        "mfu": dev.mfu, "peak_tflops": dev.peak_flops / 1e12,
-        "nvlink_gbps": dev.intra_node_bw / 1e9, "ib_gbps_per_gpu": dev.inter_node_bw / 1e9,
-        "workspace_gb": dev.workspace_gb, "fragmentation": dev.fragmentation,
-        "backend": dev.backend, "recompute": {k: v for k, v in C.RECOMPUTE.items()},
+        "mfu": dev.mfu,
+        "peak_tflops": dev.peak_flops / 1e12,
+        "nvlink_gbps": dev.intra_node_bw / 1e9,
+        "ib_gbps_per_gpu": dev.inter_node_bw / 1e9,
+        "workspace_gb": dev.workspace_gb,
+        "fragmentation": dev.fragmentation,
+        "backend": dev.backend,
+        "recompute": {k: v for k, v in C.RECOMPUTE.items()},
         "tokens_per_s_per_gpu": "prompt+full-response tokens of the step / step time / GPUs",
     }
     if rollout:
@@ -57,17 +75,20 @@ def table(result: SearchResult, info: dict, *, top: int = 20) -> str:
     ]
     if "rollout" in info:
         r = info["rollout"]
-        lines.append(f"colocated rollout: vLLM TP {r['tp']}, gpu_memory_utilization "
-                     f"{r['gpu_memory_utilization']}: weights {r['weights_gb']} GB, KV cache "
-                     f"{r['kv_cache_gb']} GB (~{r['kv_cache_sequences']:.0f} sequences); asleep "
-                     f"while training ('roll'), generating next to the trainer's state ('gen')")
-    head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'vpp':>3} {'cp':>2} {'dp':>3} {'mbs':>3} "
-            f"{'recompute':<9} {'fits':<4} {'total':>6} {'weig':>5} {'grad':>5} {'opt':>5} "
-            f"{'act':>5} {'logit':>5} {'roll':>5} {'work':>5} {'gen':>5} {'step s':>7} {'tok/s/gpu':>9}")
+        lines.append(
+            f"colocated rollout: vLLM TP {r['tp']}, gpu_memory_utilization "
+            f"{r['gpu_memory_utilization']}: weights {r['weights_gb']} GB, KV cache "
+            f"{r['kv_cache_gb']} GB (~{r['kv_cache_sequences']:.0f} sequences); asleep "
+            f"while training ('roll'), generating next to the trainer's state ('gen')"
+        )
+    head = (
+        f"{'#':>3} {'tp':>2} {'pp':>2} {'vpp':>3} {'cp':>2} {'dp':>3} {'mbs':>3} "
+        f"{'recompute':<9} {'fits':<4} {'total':>6} {'weig':>5} {'grad':>5} {'opt':>5} "
+        f"{'act':>5} {'logit':>5} {'roll':>5} {'work':>5} {'gen':>5} {'step s':>7} {'tok/s/gpu':>9}"
+    )
     lines += ["", head, "-" * len(head)]
     # Tiny (CPU) models print in MB so that their columns are not all 0.0.
-    scale, unit = (1, "GB") if max((c.memory.total for c in result.candidates), default=0) \
-        >= C.GiB else (1024, "MB")
+    scale, unit = (1, "GB") if max((c.memory.total for c in result.candidates), default=0) >= C.GiB else (1024, "MB")
     for i, c in enumerate(result.candidates[:top], 1):
         lay = c.plan.layout
         g = {k: v * scale for k, v in c.memory.gb().items()}
@@ -77,13 +98,15 @@ def table(result: SearchResult, info: dict, *, top: int = 20) -> str:
             f"{g['total']:6.1f} {g['weights']:5.1f} {g['grads']:5.1f} {g['optimizer']:5.1f} "
             f"{g['activations']:5.1f} {g['logits']:5.1f} {g['rollout']:5.1f} "
             f"{g['workspace']:5.1f} {c.rollout_peak / C.GiB * scale:5.1f} {c.time.step_s:7.2f} "
-            f"{c.time.tokens_per_s_per_gpu:9.0f}")
+            f"{c.time.tokens_per_s_per_gpu:9.0f}"
+        )
     shown = min(top, len(result.candidates))
     lines.append(f"({shown} of {len(result.candidates)} candidates shown; memory in {unit})")
     if result.rejected:
         reasons = collections.Counter(_reason_kind(why) for _, why in result.rejected)
-        lines.append(f"rejected {len(result.rejected)} layouts: " + "; ".join(
-            f"{n} x {why}" for why, n in reasons.most_common()))
+        lines.append(
+            f"rejected {len(result.rejected)} layouts: " + "; ".join(f"{n} x {why}" for why, n in reasons.most_common())
+        )
     return "\n".join(lines)
 
 

@@ -45,8 +45,7 @@ class TimeEstimate:
 
     def as_dict(self) -> dict[str, float]:
         """The fields, rounded, for JSON."""
-        return {k: round(v, 6) if k != "tokens_per_s_per_gpu" else round(v, 1)
-                for k, v in self.__dict__.items()}
+        return {k: round(v, 6) if k != "tokens_per_s_per_gpu" else round(v, 1) for k, v in self.__dict__.items()}
 
 
 def _collective_s(nbytes: float, n: int, bw: float, latency: float) -> float:
@@ -67,13 +66,15 @@ def microbatch_flops(arch: ModelArch, plan: Plan, work: Workload, *, last_stage:
     attention = 2 * a * d * shape.mean_attention
     fwd = layers * (linear + attention) / split
     out = 2 * h * arch.padded_vocab_size * shape.mean_positions / split if last_stage else 0.0
-    recompute = {"none": 0.0, "full": fwd,
-                 "selective": layers * 2 * 3 * h * f * shape.mean_tokens / split}[plan.recompute]
+    recompute = {"none": 0.0, "full": fwd, "selective": layers * 2 * 3 * h * f * shape.mean_tokens / split}[
+        plan.recompute
+    ]
     return {"fwd_bwd": 3 * (fwd + out), "recompute": recompute}
 
 
-def estimate_time(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, *,
-                  gpus_per_node: int = 8) -> TimeEstimate:
+def estimate_time(
+    arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, *, gpus_per_node: int = 8
+) -> TimeEstimate:
     """Step time of `plan` on `dev` GPUs (see the module docstring)."""
     lay = plan.layout
     m = plan.num_microbatches(work)
@@ -113,8 +114,9 @@ def estimate_time(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, *,
     n_dp = lay.dp * lay.cp
     dp_bw = bw(lay.tp * lay.cp * lay.dp)
     if plan.distributed_optimizer:
-        dp = (_collective_s(p_stage * C.GRAD_BYTES, n_dp, dp_bw, dev.latency_s)
-              + _collective_s(p_stage * dev.param_bytes, n_dp, dp_bw, dev.latency_s))
+        dp = _collective_s(p_stage * C.GRAD_BYTES, n_dp, dp_bw, dev.latency_s) + _collective_s(
+            p_stage * dev.param_bytes, n_dp, dp_bw, dev.latency_s
+        )
         shard = n_dp
     else:
         dp = 2 * _collective_s(p_stage * C.GRAD_BYTES, n_dp, dp_bw, dev.latency_s)
@@ -123,7 +125,13 @@ def estimate_time(arch: ModelArch, plan: Plan, work: Workload, dev: C.Device, *,
 
     step = m * t_mb + bubble + dp + opt
     return TimeEstimate(
-        step_s=step, compute_s=m * compute_mb, bubble_s=bubble, tp_comm_s=m * tp_mb,
-        cp_comm_s=m * cp_mb, pp_comm_s=m * pp_mb, dp_comm_s=dp, optimizer_s=opt,
+        step_s=step,
+        compute_s=m * compute_mb,
+        bubble_s=bubble,
+        tp_comm_s=m * tp_mb,
+        cp_comm_s=m * cp_mb,
+        pp_comm_s=m * pp_mb,
+        dp_comm_s=dp,
+        optimizer_s=opt,
         tokens_per_s_per_gpu=work.step_tokens / step / lay.world_size,
     )

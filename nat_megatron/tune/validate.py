@@ -29,8 +29,9 @@ def machine_device() -> C.Device:
     return C.H100 if torch.cuda.is_available() else C.CPU
 
 
-def validate_plans(arch: ModelArch, work: Workload, plans: list[Plan], *, steps: int = 3,
-                   seed: int = 1234, timeout: float = 600) -> list[dict]:
+def validate_plans(
+    arch: ModelArch, work: Workload, plans: list[Plan], *, steps: int = 3, seed: int = 1234, timeout: float = 600
+) -> list[dict]:
     """Run every plan; one row per plan with predicted and measured peak GB and step time."""
     if steps < 2:
         raise ValueError(f"validation needs >= 2 steps (the peak is taken after step 1), got {steps}")
@@ -41,37 +42,58 @@ def validate_plans(arch: ModelArch, work: Workload, plans: list[Plan], *, steps:
 
         mem = estimate_memory(arch, plan, work, dev)
         est = estimate_time(arch, plan, work, dev)
-        results = launch("nat_megatron.tune.validate:run_plan", plan.layout.world_size,
-                         timeout=timeout, arch=arch.to_dict(), layout=asdict(plan.layout),
-                         mbs=plan.mbs, recompute=plan.recompute,
-                         distributed_optimizer=plan.distributed_optimizer,
-                         work=asdict(work), steps=steps, seed=seed)
+        results = launch(
+            "nat_megatron.tune.validate:run_plan",
+            plan.layout.world_size,
+            timeout=timeout,
+            arch=arch.to_dict(),
+            layout=asdict(plan.layout),
+            mbs=plan.mbs,
+            recompute=plan.recompute,
+            distributed_optimizer=plan.distributed_optimizer,
+            work=asdict(work),
+            steps=steps,
+            seed=seed,
+        )
         peak = max(r["peak"] for r in results)
         measured_s = statistics.median(results[0]["times"][1:])
-        rows.append({
-            "plan": plan, "nat": f"{work.nat}:{work.budget:g}",
-            "predicted_gb": mem.total / C.GiB, "measured_gb": peak / C.GiB,
-            "mem_error": (mem.total - peak) / peak, "peak_rank": max(
-                range(len(results)), key=lambda r: results[r]["peak"]),
-            "predicted_s": est.step_s, "measured_s": measured_s,
-            "predicted_detail": mem.gb(), "per_rank_gb": [r["peak"] / C.GiB for r in results],
-        })
+        rows.append(
+            {
+                "plan": plan,
+                "nat": f"{work.nat}:{work.budget:g}",
+                "predicted_gb": mem.total / C.GiB,
+                "measured_gb": peak / C.GiB,
+                "mem_error": (mem.total - peak) / peak,
+                "peak_rank": max(range(len(results)), key=lambda r: results[r]["peak"]),
+                "predicted_s": est.step_s,
+                "measured_s": measured_s,
+                "predicted_detail": mem.gb(),
+                "per_rank_gb": [r["peak"] / C.GiB for r in results],
+            }
+        )
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     """Predicted vs measured, one line per plan."""
-    head = (f"{'layout':<34} {'nat':<9} {'recompute':<9} {'pred GB':>9} {'meas GB':>9} "
-            f"{'err':>6} {'pred s':>8} {'meas s':>8}")
+    head = (
+        f"{'layout':<34} {'nat':<9} {'recompute':<9} {'pred GB':>9} {'meas GB':>9} "
+        f"{'err':>6} {'pred s':>8} {'meas s':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         p = r["plan"]
         lay = p.layout
-        text = f"tp={lay.tp},pp={lay.pp},cp={lay.cp},dp={lay.dp}" + (
-            f",vpp={lay.vpp}" if lay.vpp else "") + f",mbs={p.mbs}"
-        lines.append(f"{text:<34} {r['nat']:<9} {p.recompute:<9} {r['predicted_gb']:9.4f} "
-                     f"{r['measured_gb']:9.4f} {r['mem_error']:+6.0%} {r['predicted_s']:8.3f} "
-                     f"{r['measured_s']:8.3f}")
+        text = (
+            f"tp={lay.tp},pp={lay.pp},cp={lay.cp},dp={lay.dp}"
+            + (f",vpp={lay.vpp}" if lay.vpp else "")
+            + f",mbs={p.mbs}"
+        )
+        lines.append(
+            f"{text:<34} {r['nat']:<9} {p.recompute:<9} {r['predicted_gb']:9.4f} "
+            f"{r['measured_gb']:9.4f} {r['mem_error']:+6.0%} {r['predicted_s']:8.3f} "
+            f"{r['measured_s']:8.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -84,32 +106,49 @@ def _samples(work: Workload, vocab: int, seed: int, step: int):
 
     g = torch.Generator().manual_seed(seed * 1000 + step)
     P, R = work.prompt_len, work.response_len
-    return [Sample(prompt=torch.randint(0, vocab, (max(P, 1),), generator=g),
-                   response=torch.randint(0, vocab, (R,), generator=g),
-                   old_logprobs=-torch.rand(R, generator=g) - 0.1,
-                   advantage=float(torch.randn((), generator=g)))
-            for _ in range(work.global_batch)]
+    return [
+        Sample(
+            prompt=torch.randint(0, vocab, (max(P, 1),), generator=g),
+            response=torch.randint(0, vocab, (R,), generator=g),
+            old_logprobs=-torch.rand(R, generator=g) - 0.1,
+            advantage=float(torch.randn((), generator=g)),
+        )
+        for _ in range(work.global_batch)
+    ]
 
 
 def _micro_batches(work: Workload, plan: Plan, arch: ModelArch, seed: int, step: int, dp_rank: int):
     from nat_megatron.nat.selection import sample, selection_generators
     from nat_megatron.train.batching import build_micro_batches
 
-    ids = list(range(work.global_batch))[dp_rank::plan.layout.dp]  # as the trainer shares
+    ids = list(range(work.global_batch))[dp_rank :: plan.layout.dp]  # as the trainer shares
     samples = _samples(work, arch.vocab_size, seed, step)
     mine = [samples[i] for i in ids]
     sel = None
     if mine:  # a rank without samples runs one zero-weight row
         lengths = torch.tensor([len(s.response) for s in mine])
         sel = sample(work.nat, work.budget, lengths, selection_generators(seed, step, ids))
-    return build_micro_batches(mine, sel, aggregation="token-mean",
-                               seq_multiple=plan.layout.seq_multiple,
-                               num_micro_batches=max(1, -(-len(mine) // plan.mbs)),
-                               pad_rows=plan.layout.vpp is not None)
+    return build_micro_batches(
+        mine,
+        sel,
+        aggregation="token-mean",
+        seq_multiple=plan.layout.seq_multiple,
+        num_micro_batches=max(1, -(-len(mine) // plan.mbs)),
+        pad_rows=plan.layout.vpp is not None,
+    )
 
 
-def run_plan(*, arch: dict, layout: dict, mbs: int, recompute: str, distributed_optimizer: bool,
-             work: dict, steps: int, seed: int) -> dict:
+def run_plan(
+    *,
+    arch: dict,
+    layout: dict,
+    mbs: int,
+    recompute: str,
+    distributed_optimizer: bool,
+    work: dict,
+    steps: int,
+    seed: int,
+) -> dict:
     """One rank: build, train `steps` steps, return its peak bytes and step times."""
     from megatron.core import parallel_state
 
@@ -131,11 +170,9 @@ def run_plan(*, arch: dict, layout: dict, mbs: int, recompute: str, distributed_
     mask = KEPT_FIELD if wl.logits_on == "selected" else None
     times = []
     with PeakMemory() as pm:
-        chunks = build_model(arch, lay, dtype=torch.bfloat16 if on_gpu else torch.float32,
-                             **C.RECOMPUTE[recompute])
+        chunks = build_model(arch, lay, dtype=torch.bfloat16 if on_gpu else torch.float32, **C.RECOMPUTE[recompute])
         ddp = wrap_ddp(chunks, use_distributed_optimizer=distributed_optimizer)
-        opt = build_optimizer(ddp, lr=1e-5, use_distributed_optimizer=distributed_optimizer,
-                              bf16=on_gpu)
+        opt = build_optimizer(ddp, lr=1e-5, use_distributed_optimizer=distributed_optimizer, bf16=on_gpu)
         for step in range(steps):
             if step == 1:
                 pm.reset_peak()
@@ -143,8 +180,7 @@ def run_plan(*, arch: dict, layout: dict, mbs: int, recompute: str, distributed_
             for c in ddp:
                 c.zero_grad_buffer()
             opt.zero_grad()
-            forward_backward(ddp, batches[step], loss_fn, vocab_size=arch.vocab_size,
-                             output_mask=mask)
+            forward_backward(ddp, batches[step], loss_fn, vocab_size=arch.vocab_size, output_mask=mask)
             opt.step()
             if on_gpu:
                 torch.cuda.synchronize()

@@ -51,8 +51,7 @@ class Workload:
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if not 1 <= self.response_len <= self.seq_len:
-            raise ValueError(f"response_len must lie in [1, seq_len={self.seq_len}], "
-                             f"got {self.response_len}")
+            raise ValueError(f"response_len must lie in [1, seq_len={self.seq_len}], got {self.response_len}")
         if self.global_batch < 1:
             raise ValueError(f"global_batch must be >= 1, got {self.global_batch}")
         if self.nat not in SCHEMES:
@@ -72,8 +71,9 @@ class Workload:
         scheme, _, budget = text.partition(":")
         scheme = scheme.strip().lower()
         if scheme not in SCHEMES:
-            raise ValueError(f"NAT scheme {scheme!r} is unknown; use SCHEME:BUDGET with "
-                             f"SCHEME in {SCHEMES}, e.g. rpc:0.5")
+            raise ValueError(
+                f"NAT scheme {scheme!r} is unknown; use SCHEME:BUDGET with SCHEME in {SCHEMES}, e.g. rpc:0.5"
+            )
         try:
             value = float(budget) if budget else 1.0
         except ValueError:
@@ -140,8 +140,9 @@ class Workload:
             out.append(c)
         return out
 
-    def batch_shape(self, *, sequences: int, micro_batches: int, seq_multiple: int = 1,
-                    pad_to_step: bool = False) -> "BatchShape":
+    def batch_shape(
+        self, *, sequences: int, micro_batches: int, seq_multiple: int = 1, pad_to_step: bool = False
+    ) -> BatchShape:
         """Micro-batch sizes of one DP rank's step (see the module docstring)."""
         return _batch_shape(self, sequences, micro_batches, seq_multiple, pad_to_step)
 
@@ -198,7 +199,6 @@ def _batch_shape(work: Workload, n: int, m: int, multiple: int, pad_to_step: boo
     means = (sum(tok) / m_rep, sum(att) / m_rep, sum(pos) / m_rep)
     if work.nat_peak == "full":  # size memory for a micro-batch of un-cut sequences
         full = mbs * pad(work.seq_len)
-        return BatchShape(full, max(max(pos), mbs * urs * work.response_len), pad(work.seq_len),
-                          *means)
+        return BatchShape(full, max(max(pos), mbs * urs * work.response_len), pad(work.seq_len), *means)
     peak = max(range(len(groups)), key=lambda i: tok[i])
     return BatchShape(tok[peak], max(pos), seqs[peak], *means)

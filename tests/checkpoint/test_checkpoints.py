@@ -91,8 +91,7 @@ def test_missing_and_mismatched_tensors_are_named(tiny_hf, tmp_path):
     (tmp_path / "small" / "hf" / "config.json").write_text((bigger / "config.json").read_text())
     p = convert("mcore-to-hf", "--mcore", str(tmp_path / "small"), "--out", str(tmp_path / "o"), check=False)
     assert p.returncode != 0
-    assert "tensor 'decoder.layers.mlp.linear_fc1.weight'" in p.stderr or \
-        "linear_fc" in p.stderr, p.stderr[-2000:]
+    assert "tensor 'decoder.layers.mlp.linear_fc1.weight'" in p.stderr or "linear_fc" in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.dist
@@ -109,8 +108,9 @@ def test_save_tp2pp2_resume_and_load_tp1(tiny_hf, tmp_path):
     assert torch.equal(first["rng"], resumed["rng"])
     assert first["lr"] == resumed["lr"] > 0  # the LR schedule resumed where it was
 
-    tp1 = launch("tests.checkpoint.workers:load_logits", 1, layout={}, ckpt=kw["ckpt"], hf_dir=hf,
-                 tokens=tokens[0, :, :16])[0]
+    tp1 = launch(
+        "tests.checkpoint.workers:load_logits", 1, layout={}, ckpt=kw["ckpt"], hf_dir=hf, tokens=tokens[0, :, :16]
+    )[0]
     diff = (tp1["logits"] - first["logits"]).abs().max().item()
     assert diff <= 1e-5, f"logits after loading the TP2xPP2 checkpoint at TP1 differ by {diff}"
 

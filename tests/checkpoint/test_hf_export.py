@@ -28,8 +28,12 @@ def test_interrupted_export_keeps_the_previous_one(tmp_path):
     out = tmp_path / "hf"
     first = {"a": torch.ones(3), "b": torch.zeros(2)}
     write_hf_export(out, first.items(), source_dir=src, write=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00001-of-00001.safetensors",
-                                                      "model.safetensors.index.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ]
 
     def failing():
         yield "a", torch.full((3,), 7.0)

@@ -13,7 +13,12 @@ import pytest
 
 from nat_megatron.checkpoint.dist_ckpt import latest_checkpoint, mark_latest
 from nat_megatron.checkpoint.integrity import (
-    checkpoint_files, hash_share, pointer_problem, verify_share, write_manifest)
+    checkpoint_files,
+    hash_share,
+    pointer_problem,
+    verify_share,
+    write_manifest,
+)
 from nat_megatron.checkpoint.lock import LOCK, DirLock
 from nat_megatron.checkpoint.resume import check_run, config_changes
 from nat_megatron.config import load_config
@@ -34,7 +39,10 @@ def fake_checkpoint(root, step: int, *, payload: bytes = b"x" * 5000):
 def test_manifest_names_corrupted_truncated_and_missing_files(tmp_path):
     d = fake_checkpoint(tmp_path, 1)
     assert sorted(json.loads((d / "manifest.json").read_text())["files"]) == [
-        ".metadata", "__0_0.distcp", "metadata.json"]
+        ".metadata",
+        "__0_0.distcp",
+        "metadata.json",
+    ]
     assert verify_share(d) == []
     # shares of two "ranks" cover every file once
     assert sorted(verify_share(d, rank=0, world=2) + verify_share(d, rank=1, world=2)) == []
@@ -87,8 +95,11 @@ def test_resume_with_a_changed_meaning_names_the_keys(tmp_path):
 
     changed = load_config(CPU, ["nat.budget=0.25", "rollout.group_size=6"]).to_dict()
     assert config_changes(saved, changed) == ["nat.budget", "rollout.group_size"]
-    with pytest.raises(ValueError, match=r"^checkpoint.allow_config_change: .*nat.budget: 0.5 -> 0.25, "
-                                         r"rollout.group_size: 4 -> 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"^checkpoint.allow_config_change: .*nat.budget: 0.5 -> 0.25, "
+        r"rollout.group_size: 4 -> 6",
+    ):
         check_run(tmp_path, meta, config=changed, fingerprint="abc")
     allowed = load_config(CPU, ["nat.budget=0.25", "checkpoint.allow_config_change=true"]).to_dict()
     check_run(tmp_path, meta, config=allowed, fingerprint="abc")
@@ -110,8 +121,11 @@ def dead_pid() -> int:
 def test_lock_keeps_a_second_job_off_and_takes_over_a_dead_holder(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     first = DirLock(tmp_path).acquire()
-    with pytest.raises(ValueError, match=rf"^checkpoint.dir: {tmp_path} is in use by pid {os.getpid()} "
-                                         rf"on host {socket.gethostname()}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^checkpoint.dir: {tmp_path} is in use by pid {os.getpid()} "
+        rf"on host {socket.gethostname()}",
+    ):
         DirLock(tmp_path).acquire()
     first.release()
     assert not (tmp_path / LOCK).exists()
@@ -139,8 +153,10 @@ def test_a_second_job_on_a_locked_dir_stops_on_every_rank(tmp_path):
 
 
 def test_lock_is_released_when_the_job_ends_in_an_error(tmp_path):
-    code = ("from nat_megatron.checkpoint.lock import DirLock; import sys; "
-            f"DirLock({str(tmp_path)!r}).acquire(); raise SystemExit('resume failed')")
+    code = (
+        "from nat_megatron.checkpoint.lock import DirLock; import sys; "
+        f"DirLock({str(tmp_path)!r}).acquire(); raise SystemExit('resume failed')"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "resume failed" in p.stderr
     assert not (tmp_path / LOCK).exists()

@@ -50,8 +50,9 @@ def train_save_continue(*, layout, hf_dir, ckpt, tokens, weights, lengths, resum
         sched.load_state_dict(out["extra"].pop("scheduler"))
     else:
         _train_step(ddp, opt, sched, mbs, arch.vocab_size)
-        save_checkpoint(ckpt, ddp, optimizer=opt,
-                        extra={"step": 1, "note": "after one step", "scheduler": sched.state_dict()})
+        save_checkpoint(
+            ckpt, ddp, optimizer=opt, extra={"step": 1, "note": "after one step", "scheduler": sched.state_dict()}
+        )
         out["logits"] = full_logits(ddp, tokens[0, :, : lengths[0]], arch.vocab_size)
         for c in ddp:
             c.train()

@@ -11,9 +11,9 @@ from nat_megatron.data import (
     arithmetic_examples,
     load_dataset,
     read_examples,
+    readers,
     template_examples,
 )
-from nat_megatron.data import readers
 from nat_megatron.data.arithmetic import ONE_STEP, TWO_STEP
 
 
@@ -35,8 +35,9 @@ def tokenizer():
     model = tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>")
     backend = tokenizers.Tokenizer(model)
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
-                                  additional_special_tokens=specials[1:])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", additional_special_tokens=specials[1:]
+    )
     tok.chat_template = (
         "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
@@ -46,11 +47,15 @@ def tokenizer():
 
 # --- layouts ---------------------------------------------------------------------------------
 
+
 def test_gsm8k_layout_autodetected(tmp_path):
-    path = write_jsonl(tmp_path / "gsm.jsonl", [
-        {"question": "Two plus two?", "answer": "2+2=4\n#### 4"},
-        {"question": "Big?", "answer": "lots\n#### 1,200"},
-    ])
+    path = write_jsonl(
+        tmp_path / "gsm.jsonl",
+        [
+            {"question": "Two plus two?", "answer": "2+2=4\n#### 4"},
+            {"question": "Big?", "answer": "lots\n#### 1,200"},
+        ],
+    )
     ds = read_examples(path)
     assert ds.layout == "gsm8k"
     assert [(e.question, e.answer) for e in ds.examples] == [("Two plus two?", "4"), ("Big?", "1200")]
@@ -58,12 +63,15 @@ def test_gsm8k_layout_autodetected(tmp_path):
 
 
 def test_math_layout_boxed_and_answer_field(tmp_path):
-    path = write_jsonl(tmp_path / "math.jsonl", [
-        {"problem": "Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
-        {"problem": "Nested?", "solution": "first \\boxed{1} then \\boxed{\\sqrt{x^{2}}}"},
-        {"problem": "Given?", "solution": "no box here", "answer": "7"},
-        {"problem": "No answer?", "solution": "nothing boxed"},
-    ])
+    path = write_jsonl(
+        tmp_path / "math.jsonl",
+        [
+            {"problem": "Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+            {"problem": "Nested?", "solution": "first \\boxed{1} then \\boxed{\\sqrt{x^{2}}}"},
+            {"problem": "Given?", "solution": "no box here", "answer": "7"},
+            {"problem": "No answer?", "solution": "nothing boxed"},
+        ],
+    )
     ds = read_examples(path)
     assert ds.layout == "math"
     assert [e.answer for e in ds.examples] == ["\\frac{1}{2}", "\\sqrt{x^{2}}", "7"]
@@ -71,33 +79,44 @@ def test_math_layout_boxed_and_answer_field(tmp_path):
 
 
 def test_generic_layout_explicit_and_ids(tmp_path):
-    path = write_jsonl(tmp_path / "gen.jsonl", [
-        {"prompt": "p1", "answer": "1", "id": "a"},
-        {"prompt": "p2", "answer": "2"},
-    ])
+    path = write_jsonl(
+        tmp_path / "gen.jsonl",
+        [
+            {"prompt": "p1", "answer": "1", "id": "a"},
+            {"prompt": "p2", "answer": "2"},
+        ],
+    )
     ds = read_examples(path, layout="generic")
     assert [e.uid for e in ds.examples] == ["gen:a", "gen:2"]
 
 
 def test_bad_rows_counted_per_reason(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        {"prompt": "ok", "answer": "1"},
-        {"prompt": "no answer"},
-        {"answer": "2"},
-        {"prompt": "   ", "answer": "3"},
-        {"prompt": "number", "answer": 4},
-        {"prompt": "list", "answer": ["5"]},
-        {"prompt": "blank", "answer": "  "},
-        {"prompt": None, "answer": "6"},
-        "[1, 2]",
-        "{not json",
-        {"prompt": "also ok", "answer": "\\frac{1}{2}"},
-    ])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "ok", "answer": "1"},
+            {"prompt": "no answer"},
+            {"answer": "2"},
+            {"prompt": "   ", "answer": "3"},
+            {"prompt": "number", "answer": 4},
+            {"prompt": "list", "answer": ["5"]},
+            {"prompt": "blank", "answer": "  "},
+            {"prompt": None, "answer": "6"},
+            "[1, 2]",
+            "{not json",
+            {"prompt": "also ok", "answer": "\\frac{1}{2}"},
+        ],
+    )
     ds = read_examples(path)
     assert len(ds) == 2
     assert ds.skipped == {
-        "missing_answer": 1, "missing_prompt": 2, "empty_prompt": 1, "non_string_answer": 2,
-        "no_final_answer": 1, "not_an_object": 1, "invalid_json": 1,
+        "missing_answer": 1,
+        "missing_prompt": 2,
+        "empty_prompt": 1,
+        "non_string_answer": 2,
+        "no_final_answer": 1,
+        "not_an_object": 1,
+        "invalid_json": 1,
     }
 
 
@@ -146,11 +165,15 @@ def test_parquet_missing_pyarrow_message(tmp_path, monkeypatch):
 
 # --- templating ------------------------------------------------------------------------------
 
+
 def test_chat_template_and_length_filter(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "g.jsonl", [
-        {"prompt": "solve the problem", "answer": "1"},
-        {"prompt": " ".join(["problem"] * 50), "answer": "2"},
-    ])
+    path = write_jsonl(
+        tmp_path / "g.jsonl",
+        [
+            {"prompt": "solve the problem", "answer": "1"},
+            {"prompt": " ".join(["problem"] * 50), "answer": "2"},
+        ],
+    )
     ds = load_dataset(DatasetConfig(path=str(path), max_prompt_tokens=30), tokenizer)
     assert len(ds) == 1 and ds.skipped == {"too_long": 1}
     ex = ds.examples[0]
@@ -184,8 +207,10 @@ SOLVERS = [
     (rf"\w+ shares {NUM} [a-z ]+? equally among {NUM} friends\..*", lambda t, a: t // a if t % a == 0 else None),
     (rf"\w+ has {NUM} [a-z ]+?\. \w+ gets {NUM} more and then gives {NUM} to \w+\..*", lambda a, b, c: a + b - c),
     (rf"\w+ has {NUM} boxes with {NUM} [a-z ]+? in each box and {NUM} more .*", lambda a, b, c: a * b + c),
-    (rf"One [a-z ]+? costs {NUM} dollars?\. \w+ buys {NUM} [a-z ]+? and pays with a {NUM} dollar bill\..*",
-     lambda a, b, c: c - a * b),
+    (
+        rf"One [a-z ]+? costs {NUM} dollars?\. \w+ buys {NUM} [a-z ]+? and pays with a {NUM} dollar bill\..*",
+        lambda a, b, c: c - a * b,
+    ),
     (rf"\w+ has {NUM} [a-z ]+?\. \w+ has {NUM} more [a-z ]+? than \w+\. .*together\?", lambda a, b: 2 * a + b),
 ]
 
@@ -218,6 +243,7 @@ def test_embedded_is_deterministic_and_splits_disjoint():
 
 
 # --- iterator --------------------------------------------------------------------------------
+
 
 def test_iterator_covers_epochs_and_resumes_exactly():
     data = list(range(10))

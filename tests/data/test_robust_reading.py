@@ -37,8 +37,12 @@ def test_bad_utf8_deep_nesting_and_huge_lines_are_counted_with_file_and_line(tmp
 
 def test_exact_int_reward_needs_integer_reference_answers(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    rows = [{"prompt": "a", "answer": "12"}, {"prompt": "b", "answer": "\\frac{1}{2}"},
-            {"prompt": "c", "answer": "-3"}, {"prompt": "d", "answer": "2.5"}]
+    rows = [
+        {"prompt": "a", "answer": "12"},
+        {"prompt": "b", "answer": "\\frac{1}{2}"},
+        {"prompt": "c", "answer": "-3"},
+        {"prompt": "d", "answer": "2.5"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = load_dataset(DatasetConfig(path=str(path)), reward="exact_int")
     assert [e.answer for e in ds.examples] == ["12", "-3"]

@@ -21,8 +21,10 @@ def require(packages: list[str], programs: list[str]) -> None:
     if all(which(p) for p in programs):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"{', '.join(programs)} missing and not installable here (needs root and "
-                    f"apt-get): apt-get install {' '.join(packages)}")
+        pytest.skip(
+            f"{', '.join(programs)} missing and not installable here (needs root and "
+            f"apt-get): apt-get install {' '.join(packages)}"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
     r = subprocess.run(install, env=env, capture_output=True, text=True)

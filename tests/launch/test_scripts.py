@@ -56,8 +56,13 @@ def test_local_sh_starts_ranks(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, NPROC_PER_NODE="2", NAT_PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"))
-    r = subprocess.run([str(ROOT / "launch/local.sh"), str(script), str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(ROOT / "launch/local.sh"), str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert [(tmp_path / f"rank{i}").read_text() for i in range(2)] == ["2 3", "2 3"]
     assert (tmp_path / "run/exit_code").read_text().strip() == "0"

@@ -37,8 +37,17 @@ pytestmark = pytest.mark.slow
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 JOB_TIMEOUT = 240  # seconds; the smoke job takes ~75 s on 2 quiet cores, ~150 s on busy ones
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def ensure_slurm() -> None:
@@ -104,8 +113,9 @@ class Cluster:
 
     def _start(self, name: str, args: list[str], **kwargs) -> subprocess.Popen:
         log = open(self.tmp / "log" / f"{name}.out", "w")
-        p = subprocess.Popen([which(name), *args], stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=self.env, **kwargs)
+        p = subprocess.Popen(
+            [which(name), *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, **kwargs
+        )
         log.close()
         self.procs.append(p)
         return p
@@ -124,12 +134,23 @@ class Cluster:
         mdir.chmod(0o755)  # clients (slurm, as root here) need execute permission to reach the socket
         socket_path = mdir / "munge.socket"
         (self.tmp / "slurm.conf").write_text(
-            slurm_conf(self.tmp, node=self.node, cpus=os.cpu_count() or 1, munge_socket=socket_path))
+            slurm_conf(self.tmp, node=self.node, cpus=os.cpu_count() or 1, munge_socket=socket_path)
+        )
         (self.tmp / "plugstack.conf").write_text("")  # no SPANK plugins (pyxis) in the test cluster
-        self._start("munged", ["-F", f"--socket={socket_path}", f"--key-file={key}",
-                               f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
-                               f"--seed-file={mdir}/munged.seed"],
-                    user=munge.pw_uid, group=munge.pw_gid, extra_groups=[])
+        self._start(
+            "munged",
+            [
+                "-F",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--pid-file={mdir}/munged.pid",
+                f"--log-file={mdir}/munged.log",
+                f"--seed-file={mdir}/munged.seed",
+            ],
+            user=munge.pw_uid,
+            group=munge.pw_gid,
+            extra_groups=[],
+        )
         self._wait(lambda: socket_path.exists(), "munged socket", 15)
         conf = str(self.tmp / "slurm.conf")
         self._start("slurmctld", ["-D", "-f", conf])
@@ -145,8 +166,9 @@ class Cluster:
         while time.time() < end:
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode} while waiting for {what}\n"
-                                       + self.logs())
+                    raise RuntimeError(
+                        f"{p.args[0]} exited with {p.returncode} while waiting for {what}\n" + self.logs()
+                    )
             if ok():
                 return
             time.sleep(0.5)
@@ -196,13 +218,25 @@ def cluster(tmp_path_factory):
 def submit(cluster: Cluster, tmp: Path, name: str, args: list[str], *, env: dict, sbatch: list[str]) -> str:
     """sbatch train.sbatch with `args`; returns the job id."""
     # Its own rendezvous port: another test cluster on this machine also numbers jobs from 1.
-    env = dict(NAT_PYTHON=sys.executable, NAT_ROOT=str(ROOT), OMP_NUM_THREADS="1",
-               MASTER_PORT=str(free_port()), **env)
+    env = dict(NAT_PYTHON=sys.executable, NAT_ROOT=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), **env)
     r = subprocess.run(
-        ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={ROOT}", f"--output={tmp}/job-%j.out",
-         "--time=10", *sbatch, "--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()),
-         str(ROOT / "launch/slurm/train.sbatch"), *args],
-        env=cluster.env, capture_output=True, text=True, timeout=30)
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={name}",
+            f"--chdir={ROOT}",
+            f"--output={tmp}/job-%j.out",
+            "--time=10",
+            *sbatch,
+            "--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()),
+            str(ROOT / "launch/slurm/train.sbatch"),
+            *args,
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stdout + r.stderr + cluster.logs()
     return r.stdout.strip().split(";")[0]
 
@@ -234,9 +268,14 @@ def report(cluster: Cluster, tmp: Path, job_id: str, fields: dict) -> str:
 def test_train_sbatch_runs_smoke_job(cluster, tmp_path):
     """The smoke job (2 gloo ranks, PP2) through srun + torchrun c10d: completes, saves a checkpoint."""
     ckpt, logs = tmp_path / "ckpt", tmp_path / "joblogs"
-    job_id = submit(cluster, tmp_path, "nat-smoke",
-                    ["-m", "nat_megatron.smoke", "--steps", "2", "--batch", "4", "--out", str(ckpt)],
-                    env=dict(GPUS_PER_NODE="2", LOG_DIR=str(logs)), sbatch=["--no-requeue"])
+    job_id = submit(
+        cluster,
+        tmp_path,
+        "nat-smoke",
+        ["-m", "nat_megatron.smoke", "--steps", "2", "--batch", "4", "--out", str(ckpt)],
+        env=dict(GPUS_PER_NODE="2", LOG_DIR=str(logs)),
+        sbatch=["--no-requeue"],
+    )
     try:
         fields = wait_for(cluster, job_id, lambda f: False, JOB_TIMEOUT)
         detail = report(cluster, tmp_path, job_id, fields)
@@ -274,25 +313,40 @@ def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(cluster, 
     pythonpath = f"{site}{os.pathsep}{ROOT}"
 
     def args(run: Path) -> list[str]:
-        return tiny_overrides(tiny_model, str(run), **{"train.steps": PREEMPT_STEPS, "checkpoint.every": 100,
-                                                        "eval.at_start": "false", "eval.at_end": "false"})
+        return tiny_overrides(
+            tiny_model,
+            str(run),
+            **{"train.steps": PREEMPT_STEPS, "checkpoint.every": 100, "eval.at_start": "false", "eval.at_end": "false"},
+        )
 
     ref = Job(args(tmp_path / "ref"), dict(os.environ, PYTHONPATH=pythonpath))
     run, logs = tmp_path / "run", tmp_path / "joblogs"
-    job_id = submit(cluster, tmp_path, "nat-preempt", ["-m", "nat_megatron.train", "--config", str(CONFIG), *args(run)],
-                    env=dict(GPUS_PER_NODE="2", LOG_DIR=str(logs), PYTHONPATH=pythonpath), sbatch=["--requeue"])
+    job_id = submit(
+        cluster,
+        tmp_path,
+        "nat-preempt",
+        ["-m", "nat_megatron.train", "--config", str(CONFIG), *args(run)],
+        env=dict(GPUS_PER_NODE="2", LOG_DIR=str(logs), PYTHONPATH=pythonpath),
+        sbatch=["--requeue"],
+    )
     out = tmp_path / f"job-{job_id}.out"
     try:
         end = time.time() + JOB_TIMEOUT
         while time.time() < end and f"step 1/{PREEMPT_STEPS}" not in (out.read_text() if out.exists() else ""):
-            assert job_fields(cluster, job_id).get("JobState") not in FINAL_STATES, report(cluster, tmp_path, job_id, {})
+            assert job_fields(cluster, job_id).get("JobState") not in FINAL_STATES, report(
+                cluster, tmp_path, job_id, {}
+            )
             time.sleep(0.5)
         assert f"step 1/{PREEMPT_STEPS}" in out.read_text(), report(cluster, tmp_path, job_id, {})
         # What --signal=B:USR1@N does at N seconds before the time limit.
         r = cluster.run("scancel", "--batch", "--signal=USR1", job_id)
         assert r.returncode == 0, r.stderr
-        fields = wait_for(cluster, job_id, lambda f: int(f.get("Restarts", "0")) >= 1
-                          and f.get("JobState") in FINAL_STATES, 2 * JOB_TIMEOUT)
+        fields = wait_for(
+            cluster,
+            job_id,
+            lambda f: int(f.get("Restarts", "0")) >= 1 and f.get("JobState") in FINAL_STATES,
+            2 * JOB_TIMEOUT,
+        )
         detail = report(cluster, tmp_path, job_id, fields)
         text = out.read_text()
         assert int(fields.get("Restarts", "0")) == 1, detail
@@ -300,8 +354,9 @@ def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(cluster, 
         saved = int((logs / "preempted.0").read_text())
         assert 1 <= saved < PREEMPT_STEPS, detail
         assert f"preempted (SIGUSR1): checkpoint of step {saved} saved; exiting with 75" in text, detail
-        assert text.index(f"the trainer saved step {saved} and stopped; requeueing job {job_id}") > \
-            text.index(f"preempted (SIGUSR1): checkpoint of step {saved} saved"), detail
+        assert text.index(f"the trainer saved step {saved} and stopped; requeueing job {job_id}") > text.index(
+            f"preempted (SIGUSR1): checkpoint of step {saved} saved"
+        ), detail
         assert f"resumed from {run / 'ck' / f'step_{saved:06d}'} at step {saved}" in text, detail
         assert (logs / "exit_code.1").read_text().strip() == "0", detail
         assert (run / "ck" / "latest").read_text() == f"step_{PREEMPT_STEPS:06d}"

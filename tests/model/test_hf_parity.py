@@ -6,8 +6,7 @@ import torch
 from tests.conftest import random_batch
 from tests.launcher import launch
 
-FAMILIES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True),
-            ("qwen3", False), ("qwen3", True)]
+FAMILIES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True)]
 
 
 def hf_logits(hf_dir, tokens):
@@ -24,8 +23,15 @@ def test_logits_match_transformers(tiny_hf, layout, nprocs):
     dirs = [tiny_hf(f, t) for f, t in FAMILIES]
     tokens, weights = random_batch(2, 2, 24, 300)
     lengths = [24, 16]
-    res = launch("tests.parallel.workers:logits_for_models", nprocs, layout=layout,
-                 hf_dirs=dirs, tokens=tokens, weights=weights, lengths=lengths)[0]
+    res = launch(
+        "tests.parallel.workers:logits_for_models",
+        nprocs,
+        layout=layout,
+        hf_dirs=dirs,
+        tokens=tokens,
+        weights=weights,
+        lengths=lengths,
+    )[0]
     for (family, tied), d, got in zip(FAMILIES, dirs, res):
         ref = hf_logits(d, [tokens[i, :, :s] for i, s in enumerate(lengths)])
         for g, r in zip(got["logits"], ref):

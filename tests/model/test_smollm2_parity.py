@@ -23,12 +23,20 @@ def test_smollm2_logits_match_transformers(smollm2, layout, nprocs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 7?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt").input_ids[:, :32]
     tokens = ids.unsqueeze(0)  # one micro-batch
-    res = launch("tests.parallel.workers:logits_for_models", nprocs, layout=layout, hf_dirs=[smollm2],
-                 tokens=tokens, weights=torch.ones_like(tokens, dtype=torch.float), lengths=[ids.shape[1]])[0]
+    res = launch(
+        "tests.parallel.workers:logits_for_models",
+        nprocs,
+        layout=layout,
+        hf_dirs=[smollm2],
+        tokens=tokens,
+        weights=torch.ones_like(tokens, dtype=torch.float),
+        lengths=[ids.shape[1]],
+    )[0]
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(ids).logits

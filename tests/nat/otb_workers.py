@@ -18,8 +18,7 @@ from nat_megatron.parallel.layout import Layout
 
 def _proxy(logits, targets, vocab_size) -> dict[str, torch.Tensor]:
     stats = vocab_parallel_token_stats(logits, targets, vocab_size, sum_p2=True)
-    return {"proxy": logit_gradient_proxy(stats["logprobs"], stats["sum_p2"]),
-            "logprobs": stats["logprobs"]}
+    return {"proxy": logit_gradient_proxy(stats["logprobs"], stats["sum_p2"]), "logprobs": stats["logprobs"]}
 
 
 def _proxy_tp1(logits, targets, vocab_size) -> dict[str, torch.Tensor]:
@@ -43,7 +42,7 @@ def proxy_on_tp_ranks(*, cases: list[dict], tp: int) -> dict:
     for case in cases:
         logits, targets, vocab = case["logits"], case["targets"], case["vocab_size"]
         width = logits.shape[-1] // tp
-        out["tp"].append(_proxy(logits[..., rank * width:(rank + 1) * width], targets, vocab))
+        out["tp"].append(_proxy(logits[..., rank * width : (rank + 1) * width], targets, vocab))
         out["tp1"].append(_proxy_tp1(logits, targets, vocab))
     # The overrides were undone: this process is back to its real TP size.
     out["tp_size_after"] = parallel_state.get_tensor_model_parallel_world_size()

@@ -12,8 +12,7 @@ import torch
 from nat_megatron.model.output import positions_to_index, scatter_positions
 from nat_megatron.nat.loss import AGGREGATIONS, LossConfig, nat_loss, normaliser_count
 from nat_megatron.nat.selection import Selection, sample, selection_generators
-from nat_megatron.train.batching import (KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn,
-                                         plan_micro_batches)
+from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn, plan_micro_batches
 
 
 def make_samples(n: int, seed: int = 0, *, ref: bool = False) -> list[Sample]:
@@ -21,19 +20,21 @@ def make_samples(n: int, seed: int = 0, *, ref: bool = False) -> list[Sample]:
     out = []
     for _ in range(n):
         P, T = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 13, (1,), generator=g))
-        out.append(Sample(
-            prompt=torch.randint(0, 300, (P,), generator=g),
-            response=torch.randint(0, 300, (T,), generator=g),
-            old_logprobs=-torch.rand(T, generator=g) * 3,
-            advantage=float(torch.randn((), generator=g)),  # distinct: identifies the row
-            ref_logprobs=-torch.rand(T, generator=g) * 3 if ref else None))
+        out.append(
+            Sample(
+                prompt=torch.randint(0, 300, (P,), generator=g),
+                response=torch.randint(0, 300, (T,), generator=g),
+                old_logprobs=-torch.rand(T, generator=g) * 3,
+                advantage=float(torch.randn((), generator=g)),  # distinct: identifies the row
+                ref_logprobs=-torch.rand(T, generator=g) * 3 if ref else None,
+            )
+        )
     return out
 
 
 def select(samples, scheme="rpc", budget=0.4, seed=3, **options) -> Selection:
     lengths = torch.tensor([len(s.response) for s in samples])
-    return sample(scheme, budget, lengths, selection_generators(seed, 7, range(len(samples))),
-                  **options)
+    return sample(scheme, budget, lengths, selection_generators(seed, 7, range(len(samples))), **options)
 
 
 def rows_of(mbs, samples):
@@ -50,8 +51,7 @@ def test_rows_are_truncated_and_aligned():
     samples = make_samples(12)
     sel = select(samples)
     assert (sel.cut == 0).any() and (sel.cut > 0).any()  # the test covers skipping
-    mbs = build_micro_batches(samples, sel, aggregation="token-mean", seq_multiple=4,
-                              num_micro_batches=3)
+    mbs = build_micro_batches(samples, sel, aggregation="token-mean", seq_multiple=4, num_micro_batches=3)
     assert 1 < len(mbs) <= 3 and len({mb.seq_len for mb in mbs}) > 1
     seen = set()
     for mb, r, i in rows_of(mbs, samples):
@@ -59,7 +59,7 @@ def test_rows_are_truncated_and_aligned():
         assert mb.seq_len % 4 == 0 and i not in seen and c > 0
         seen.add(i)
         assert torch.equal(mb.tokens[r, :P], smp.prompt)
-        assert torch.equal(mb.tokens[r, P:P + c - 1], smp.response[:c - 1])
+        assert torch.equal(mb.tokens[r, P : P + c - 1], smp.response[: c - 1])
         pos = mb.fields["response_pos"][r]
         at = torch.arange(P - 1, P - 1 + c)
         assert torch.equal(pos[at], torch.arange(1, c + 1)) and int((pos > 0).sum()) == c
@@ -89,14 +89,17 @@ def test_counts_use_full_lengths(aggregation):
 def test_loss_fn_equals_nat_loss_on_the_full_grid(aggregation, scheme, budget):
     samples = make_samples(9, seed=2, ref=True)
     sel = select(samples, scheme, budget)
-    cfg = LossConfig(aggregation=aggregation, kl_beta=0.1, entropy_coef=0.01,
-                     seq_token_sum_constant=16.0 if aggregation == "seq-mean-token-sum" else None)
+    cfg = LossConfig(
+        aggregation=aggregation,
+        kl_beta=0.1,
+        entropy_coef=0.01,
+        seq_token_sum_constant=16.0 if aggregation == "seq-mean-token-sum" else None,
+    )
     B, T = sel.mask.shape
     g = torch.Generator().manual_seed(5)
     lp = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 2).requires_grad_()
     ent = torch.rand(B, T, generator=g, dtype=torch.float64)
-    mbs = build_micro_batches(samples, sel, aggregation=aggregation, seq_multiple=2,
-                              num_micro_batches=2)
+    mbs = build_micro_batches(samples, sel, aggregation=aggregation, seq_multiple=2, num_micro_batches=2)
     fn, total, count = nat_loss_fn(cfg), 0.0, 0
     for mb in mbs:
         row = torch.zeros(mb.tokens.shape[0], dtype=torch.long)
@@ -104,20 +107,29 @@ def test_loss_fn_equals_nat_loss_on_the_full_grid(aggregation, scheme, budget):
             row[r] = i
         col = (mb.fields["response_pos"] - 1).clamp(min=0)
         on = mb.fields["response_pos"] > 0
-        stats = {k: torch.where(on, x[row[:, None], col], torch.zeros(())) for k, x in
-                 (("logprobs", lp), ("entropy", ent))}
+        stats = {
+            k: torch.where(on, x[row[:, None], col], torch.zeros(())) for k, x in (("logprobs", lp), ("entropy", ent))
+        }
         loss_sum, c, _ = fn(stats, mb)
         total, count = total + loss_sum, count + c
     old = torch.nn.utils.rnn.pad_sequence([s.old_logprobs for s in samples], batch_first=True)
     ref = torch.nn.utils.rnn.pad_sequence([s.ref_logprobs for s in samples], batch_first=True)
-    want, _ = nat_loss(lp, old_logprobs=old, advantages=torch.tensor([s.advantage for s in samples]),
-                       selection_mask=sel.mask, selection_prob=sel.prob, lengths=sel.lengths,
-                       cfg=cfg, ref_logprobs=ref, entropy=ent)
+    want, _ = nat_loss(
+        lp,
+        old_logprobs=old,
+        advantages=torch.tensor([s.advantage for s in samples]),
+        selection_mask=sel.mask,
+        selection_prob=sel.prob,
+        lengths=sel.lengths,
+        cfg=cfg,
+        ref_logprobs=ref,
+        entropy=ent,
+    )
     got = total / count
     assert count == normaliser_count(sel.lengths, aggregation)
     assert math.isclose(float(got), float(want), rel_tol=1e-6, abs_tol=1e-9), (got, want)
-    g_got, = torch.autograd.grad(got, lp)
-    g_want, = torch.autograd.grad(want, lp)
+    (g_got,) = torch.autograd.grad(got, lp)
+    (g_want,) = torch.autograd.grad(want, lp)
     assert torch.allclose(g_got, g_want, rtol=1e-6, atol=1e-9)
 
 
@@ -126,10 +138,8 @@ def test_every_sample_cut_to_zero_keeps_one_prompt_row():
     lengths = torch.tensor([len(s.response) for s in samples])
     T = int(lengths.max())
     valid = torch.arange(T)[None] < lengths[:, None]
-    sel = Selection(torch.zeros_like(valid), valid.double() * 0.25, torch.zeros(4, dtype=torch.long),
-                    lengths)
-    mbs = build_micro_batches(samples, sel, aggregation="token-mean", seq_multiple=4,
-                              num_micro_batches=2)
+    sel = Selection(torch.zeros_like(valid), valid.double() * 0.25, torch.zeros(4, dtype=torch.long), lengths)
+    mbs = build_micro_batches(samples, sel, aggregation="token-mean", seq_multiple=4, num_micro_batches=2)
     assert len(mbs) == 1 and mbs[0].tokens.shape[0] == 1 and mbs[0].count == int(lengths.sum())
     assert mbs[0].seq_len % 4 == 0 and not (mbs[0].fields["response_pos"] > 0).any()
     stats = {"logprobs": torch.full(mbs[0].tokens.shape, -1.0, requires_grad=True)}
@@ -157,8 +167,14 @@ def test_plan_balances_sorted_groups():
 
 def test_pad_rows_and_padding_multiples():
     samples = make_samples(7, seed=4)
-    mbs = build_micro_batches(samples, select(samples, budget=0.7), aggregation="token-mean",
-                              seq_multiple=16, num_micro_batches=3, pad_rows=True)
+    mbs = build_micro_batches(
+        samples,
+        select(samples, budget=0.7),
+        aggregation="token-mean",
+        seq_multiple=16,
+        num_micro_batches=3,
+        pad_rows=True,
+    )
     assert len({mb.tokens.shape[0] for mb in mbs}) == 1 and all(mb.seq_len % 16 == 0 for mb in mbs)
 
 
@@ -171,8 +187,7 @@ def test_bad_inputs_name_the_field():
     longer = sample("none", 1.0, sel.lengths + 1, torch.Generator())
     with pytest.raises(ValueError, match=r"samples\[0\].response has"):
         build_micro_batches(samples, longer, **kw)
-    empty = [Sample(torch.zeros(0, dtype=torch.long), s.response, s.old_logprobs, 0.0)
-             for s in samples]
+    empty = [Sample(torch.zeros(0, dtype=torch.long), s.response, s.old_logprobs, 0.0) for s in samples]
     with pytest.raises(ValueError, match=r"samples\[0\].prompt"):
         build_micro_batches(empty, sel, **kw)
     with pytest.raises(ValueError, match="seq_multiple"):
@@ -194,8 +209,9 @@ def test_pad_rows_keeps_the_micro_batch_count_when_samples_are_skipped():
     sel = select(samples, budget=0.05)  # most cuts are 0
     live = int((sel.cut > 0).sum())
     assert live < 4
-    mbs = build_micro_batches(samples, sel, aggregation="seq-mean-token-mean", seq_multiple=2,
-                              num_micro_batches=4, pad_rows=True)
+    mbs = build_micro_batches(
+        samples, sel, aggregation="seq-mean-token-mean", seq_multiple=2, num_micro_batches=4, pad_rows=True
+    )
     assert len(mbs) == 4 and len({mb.tokens.shape[0] for mb in mbs}) == 1
     assert sum(mb.count for mb in mbs) == len(samples)
     assert sum(int((mb.fields["response_pos"] == 1).sum()) for mb in mbs) == live
@@ -208,8 +224,9 @@ def test_pad_rows_keeps_the_micro_batch_count_when_samples_are_skipped():
 def test_empty_sample_list_gives_one_zero_weight_row():
     """A DP rank that got no sample still runs the step: one all-zero row, count 0."""
     for pad_rows, n in ((False, 1), (True, 2)):
-        mbs = build_micro_batches([], None, aggregation="token-mean", seq_multiple=4,
-                                  num_micro_batches=2, pad_rows=pad_rows)
+        mbs = build_micro_batches(
+            [], None, aggregation="token-mean", seq_multiple=4, num_micro_batches=2, pad_rows=pad_rows
+        )
         assert len(mbs) == n
         for mb in mbs:
             assert mb.tokens.shape == (1, 4) and mb.count == 0 and not mb.tokens.any()

@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from nat_megatron.nat.loss import (AGGREGATIONS, LossConfig, grpo_loss, grpo_loss_sum,
-                                   group_advantages, nat_loss, nat_loss_sum, normaliser_count,
-                                   token_objective)
+from nat_megatron.nat.loss import (
+    AGGREGATIONS,
+    LossConfig,
+    group_advantages,
+    grpo_loss,
+    nat_loss,
+    nat_loss_sum,
+    normaliser_count,
+    token_objective,
+)
 from nat_megatron.nat.selection import sample
 
 LENGTHS = torch.tensor([2, 5, 9, 13])
@@ -54,8 +61,14 @@ def _setup(seed=0):
 
 
 def _cfg(aggregation, constant=None):
-    return LossConfig(eps_low=0.2, eps_high=0.28, kl_beta=0.05, entropy_coef=0.01,
-                      aggregation=aggregation, seq_token_sum_constant=constant)
+    return LossConfig(
+        eps_low=0.2,
+        eps_high=0.28,
+        kl_beta=0.05,
+        entropy_coef=0.01,
+        aggregation=aggregation,
+        seq_token_sum_constant=constant,
+    )
 
 
 CFGS = [_cfg(a) for a in AGGREGATIONS] + [_cfg("seq-mean-token-sum", 16.0)]
@@ -69,8 +82,16 @@ def _tis(old):
 
 def _full(model, tokens, old, ref, adv, cfg, tis=False):
     lp, ent = model(tokens)
-    loss, _ = grpo_loss(lp, old_logprobs=old, advantages=adv, lengths=LENGTHS, cfg=cfg,
-                        ref_logprobs=ref, entropy=ent, tis_weights=_tis(old) if tis else None)
+    loss, _ = grpo_loss(
+        lp,
+        old_logprobs=old,
+        advantages=adv,
+        lengths=LENGTHS,
+        cfg=cfg,
+        ref_logprobs=ref,
+        entropy=ent,
+        tis_weights=_tis(old) if tis else None,
+    )
     return loss.detach(), _flat_grad(loss, model)
 
 
@@ -99,9 +120,18 @@ def _monte_carlo(scheme, budget, cfg, options, *, hajek=False, tis=False, chunks
         lp, ent = model(tokens)
         lp, old_r, ref_r, ent = (x.repeat(per_chunk, 1) for x in (lp, old, ref, ent))
         tis_r = _tis(old).repeat(per_chunk, 1) if tis else None
-        loss_sum, _ = nat_loss_sum(lp, old_logprobs=old_r, advantages=adv.repeat(per_chunk),
-                                   selection_mask=sel.mask, selection_prob=prob, lengths=lengths,
-                                   cfg=cfg, ref_logprobs=ref_r, entropy=ent, tis_weights=tis_r)
+        loss_sum, _ = nat_loss_sum(
+            lp,
+            old_logprobs=old_r,
+            advantages=adv.repeat(per_chunk),
+            selection_mask=sel.mask,
+            selection_prob=prob,
+            lengths=lengths,
+            cfg=cfg,
+            ref_logprobs=ref_r,
+            entropy=ent,
+            tis_weights=tis_r,
+        )
         loss = loss_sum / denom
         grads.append(_flat_grad(loss, model))
         losses.append(loss.detach())
@@ -110,20 +140,24 @@ def _monte_carlo(scheme, budget, cfg, options, *, hajek=False, tis=False, chunks
     return losses.mean(), losses.std() / root, grads.mean(0), grads.std(0) / root
 
 
-MC_SCHEMES = [("urs", 0.25, {}), ("rpc", 0.25, {}), ("rpc", 0.5, {"rpc_floor": 0.1}),
-              ("rpc+urs", 0.25, {"urs_budget": 0.5})]
+MC_SCHEMES = [
+    ("urs", 0.25, {}),
+    ("rpc", 0.25, {}),
+    ("rpc", 0.5, {"rpc_floor": 0.1}),
+    ("rpc+urs", 0.25, {"urs_budget": 0.5}),
+]
 
 
 @pytest.mark.parametrize("cfg", CFGS, ids=CFG_IDS)
-@pytest.mark.parametrize("scheme,budget,options", MC_SCHEMES,
-                         ids=[f"{s}-{b}-{o}" for s, b, o in MC_SCHEMES])
+@pytest.mark.parametrize("scheme,budget,options", MC_SCHEMES, ids=[f"{s}-{b}-{o}" for s, b, o in MC_SCHEMES])
 def test_monte_carlo_loss_and_gradient_are_unbiased(scheme, budget, options, cfg):
     full_loss, full_grad = _full(*_setup(), cfg)
     loss, loss_se, grad, grad_se = _monte_carlo(scheme, budget, cfg, options)
     assert loss_se > 0 and abs(float(loss - full_loss)) <= 4 * float(loss_se)
     assert (grad_se > 0).sum() > len(grad) // 2, "most gradient components must vary"
-    assert ((grad - full_grad.double()).abs() <= 4 * grad_se + 1e-9).all(), \
-        ((grad - full_grad.double()).abs() / grad_se).max()
+    assert ((grad - full_grad.double()).abs() <= 4 * grad_se + 1e-9).all(), (
+        (grad - full_grad.double()).abs() / grad_se
+    ).max()
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -131,13 +165,22 @@ def test_monte_carlo_loss_and_gradient_are_unbiased(scheme, budget, options, cfg
 def test_monte_carlo_unbiased_with_kl_tis_and_dual_clip(scheme, budget, options, estimator):
     """The KL term (each estimator), TIS weights and the dual clip carry the same 1/pi weight
     as the policy term: the estimate stays unbiased (loss and every gradient component)."""
-    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_beta=0.5, kl_estimator=estimator, clip_ratio_c=1.5,
-                     tis_cap=2.0, old_logprobs="recompute", entropy_coef=0.01)
+    cfg = LossConfig(
+        eps_low=0.2,
+        eps_high=0.28,
+        kl_beta=0.5,
+        kl_estimator=estimator,
+        clip_ratio_c=1.5,
+        tis_cap=2.0,
+        old_logprobs="recompute",
+        entropy_coef=0.01,
+    )
     full_loss, full_grad = _full(*_setup(), cfg, tis=True)
     loss, loss_se, grad, grad_se = _monte_carlo(scheme, budget, cfg, options, tis=True)
     assert loss_se > 0 and abs(float(loss - full_loss)) <= 4 * float(loss_se)
-    assert ((grad - full_grad.double()).abs() <= 4 * grad_se + 1e-9).all(), \
-        ((grad - full_grad.double()).abs() / grad_se).max()
+    assert ((grad - full_grad.double()).abs() <= 4 * grad_se + 1e-9).all(), (
+        (grad - full_grad.double()).abs() / grad_se
+    ).max()
 
 
 def test_hajek_estimator_is_detected_as_biased():
@@ -159,8 +202,7 @@ def test_scheme_none_equals_plain_grpo_bitwise(cfg):
         model.zero_grad()
         lp, ent = model(tokens)
         lp.retain_grad()
-        kw = dict(old_logprobs=old, advantages=adv, lengths=LENGTHS, cfg=cfg, ref_logprobs=ref,
-                  entropy=ent)
+        kw = dict(old_logprobs=old, advantages=adv, lengths=LENGTHS, cfg=cfg, ref_logprobs=ref, entropy=ent)
         if use_nat:
             loss, metrics = nat_loss(lp, selection_mask=sel.mask, selection_prob=sel.prob, **kw)
         else:
@@ -183,9 +225,17 @@ def test_micro_batches_with_global_normaliser_match_the_whole_batch():
         lp, ent = model(tokens)
 
         def kw(i):
-            return dict(old_logprobs=old[i], advantages=adv[i], selection_mask=sel.mask[i],
-                        selection_prob=sel.prob[i], lengths=LENGTHS[i], cfg=cfg,
-                        ref_logprobs=ref[i], entropy=ent[i])
+            return dict(
+                old_logprobs=old[i],
+                advantages=adv[i],
+                selection_mask=sel.mask[i],
+                selection_prob=sel.prob[i],
+                lengths=LENGTHS[i],
+                cfg=cfg,
+                ref_logprobs=ref[i],
+                entropy=ent[i],
+            )
+
         if per_micro_batch_mean:  # Megatron-style averaging: each micro-batch by its own count
             total = sum(nat_loss(lp[i], **kw(i))[0] for i in splits) / len(splits)
         else:
@@ -198,9 +248,17 @@ def test_micro_batches_with_global_normaliser_match_the_whole_batch():
     for cfg in CFGS:
         model.zero_grad()
         lp, ent = model(tokens)
-        whole, _ = nat_loss(lp, old_logprobs=old, advantages=adv, selection_mask=sel.mask,
-                            selection_prob=sel.prob, lengths=LENGTHS, cfg=cfg, ref_logprobs=ref,
-                            entropy=ent)
+        whole, _ = nat_loss(
+            lp,
+            old_logprobs=old,
+            advantages=adv,
+            selection_mask=sel.mask,
+            selection_prob=sel.prob,
+            lengths=LENGTHS,
+            cfg=cfg,
+            ref_logprobs=ref,
+            entropy=ent,
+        )
         whole.backward()
         whole_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
         split_loss, split_grad = run(cfg)
@@ -212,9 +270,14 @@ def test_micro_batches_with_global_normaliser_match_the_whole_batch():
 
 def _one_token(logp, old, adv, cfg, ref=None):
     lp = torch.tensor([[logp]], requires_grad=True)
-    loss, metrics = grpo_loss(lp, old_logprobs=torch.tensor([[old]]),
-                              advantages=torch.tensor([adv]), lengths=torch.tensor([1]), cfg=cfg,
-                              ref_logprobs=None if ref is None else torch.tensor([[ref]]))
+    loss, metrics = grpo_loss(
+        lp,
+        old_logprobs=torch.tensor([[old]]),
+        advantages=torch.tensor([adv]),
+        lengths=torch.tensor([1]),
+        cfg=cfg,
+        ref_logprobs=None if ref is None else torch.tensor([[ref]]),
+    )
     return float(loss), metrics
 
 
@@ -238,8 +301,9 @@ def test_clip_and_k3_by_hand():
     assert loss == pytest.approx(-1.0 + 0.5 * (1 - math.log(2.0)))
     # Per-token values directly, with separate eps_low / eps_high.
     lp = torch.log(torch.tensor([[0.7, 1.0, 1.4]]))
-    loss, ratio, clipped, _ = token_objective(lp, torch.zeros(1, 3), torch.tensor([-1.0]),
-                                              LossConfig(eps_low=0.1, eps_high=0.3))
+    loss, ratio, clipped, _ = token_objective(
+        lp, torch.zeros(1, 3), torch.tensor([-1.0]), LossConfig(eps_low=0.1, eps_high=0.3)
+    )
     assert torch.allclose(loss, torch.tensor([[0.9, 1.0, 1.4]]))
     assert clipped.tolist() == [[True, False, False]]
 
@@ -270,15 +334,28 @@ def test_weights_and_ignored_positions():
     clean = torch.zeros(2, 3, requires_grad=True)
     adv = torch.tensor([1.0, -1.0])
     cfg = LossConfig()
-    loss, m = nat_loss_sum(clean, old_logprobs=torch.zeros(2, 3), advantages=adv,
-                           selection_mask=mask, selection_prob=prob, lengths=lengths, cfg=cfg)
+    loss, m = nat_loss_sum(
+        clean,
+        old_logprobs=torch.zeros(2, 3),
+        advantages=adv,
+        selection_mask=mask,
+        selection_prob=prob,
+        lengths=lengths,
+        cfg=cfg,
+    )
     assert float(loss) == pytest.approx(-1 / 0.5 + 1 / 0.25 + 1 / 0.5)
     assert float(m["weight_sum"]) == pytest.approx(8.0) and int(m["kept_tokens"]) == 3
-    dirty = torch.tensor([[0.0, float("nan"), float("inf")], [-float("inf"), 0.0, 0.0]],
-                         requires_grad=True)
+    dirty = torch.tensor([[0.0, float("nan"), float("inf")], [-float("inf"), 0.0, 0.0]], requires_grad=True)
     dirty_old = torch.full((2, 3), float("nan")).masked_fill(mask, 0.0)
-    loss2, _ = nat_loss_sum(dirty, old_logprobs=dirty_old, advantages=adv, selection_mask=mask,
-                            selection_prob=prob, lengths=lengths, cfg=cfg)
+    loss2, _ = nat_loss_sum(
+        dirty,
+        old_logprobs=dirty_old,
+        advantages=adv,
+        selection_mask=mask,
+        selection_prob=prob,
+        lengths=lengths,
+        cfg=cfg,
+    )
     loss.backward()
     loss2.backward()
     assert torch.equal(loss, loss2) and torch.equal(clean.grad, dirty.grad)
@@ -295,9 +372,16 @@ def test_truncated_width_matches_full_width():
     lp, ent = model(tokens)
 
     def kw(w):
-        return dict(old_logprobs=old[:, :w], advantages=adv, selection_mask=sel.mask[:, :w],
-                    selection_prob=sel.prob[:, :w], lengths=LENGTHS, cfg=cfg,
-                    ref_logprobs=ref[:, :w], entropy=ent[:, :w])
+        return dict(
+            old_logprobs=old[:, :w],
+            advantages=adv,
+            selection_mask=sel.mask[:, :w],
+            selection_prob=sel.prob[:, :w],
+            lengths=LENGTHS,
+            cfg=cfg,
+            ref_logprobs=ref[:, :w],
+            entropy=ent[:, :w],
+        )
 
     full, _ = nat_loss(lp, **kw(lp.shape[1]))
     short, _ = nat_loss(lp[:, :width], **kw(width))
@@ -308,20 +392,26 @@ def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 3.0, 3.0, 2.0, 4.0])
     a = group_advantages(r, 2)
     s = math.sqrt(0.5)  # unbiased std of {0, 1}
-    assert torch.allclose(a, torch.tensor([0.5 / (s + 1e-6), -0.5 / (s + 1e-6), 0, 0,
-                                           -1 / (2 * s + 1e-6), 1 / (2 * s + 1e-6)]))
-    assert torch.allclose(group_advantages(r, 3, scale="none"),
-                          torch.tensor([-1 / 3, -4 / 3, 5 / 3, 0, -1, 1]))
+    assert torch.allclose(
+        a, torch.tensor([0.5 / (s + 1e-6), -0.5 / (s + 1e-6), 0, 0, -1 / (2 * s + 1e-6), 1 / (2 * s + 1e-6)])
+    )
+    assert torch.allclose(group_advantages(r, 3, scale="none"), torch.tensor([-1 / 3, -4 / 3, 5 / 3, 0, -1, 1]))
     assert torch.equal(group_advantages(r, 1), torch.zeros(6))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(eps_low=-0.1), "eps_low"), (dict(eps_low=1.5), "eps_low"),
-    (dict(eps_high=float("inf")), "eps_high"), (dict(kl_beta=-1.0), "kl_beta"),
-    (dict(entropy_coef=float("nan")), "entropy_coef"), (dict(aggregation="mean"), "aggregation"),
-    (dict(seq_token_sum_constant=4.0), "seq_token_sum_constant"),
-    (dict(aggregation="seq-mean-token-sum", seq_token_sum_constant=0.0), "seq_token_sum_constant"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(eps_low=-0.1), "eps_low"),
+        (dict(eps_low=1.5), "eps_low"),
+        (dict(eps_high=float("inf")), "eps_high"),
+        (dict(kl_beta=-1.0), "kl_beta"),
+        (dict(entropy_coef=float("nan")), "entropy_coef"),
+        (dict(aggregation="mean"), "aggregation"),
+        (dict(seq_token_sum_constant=4.0), "seq_token_sum_constant"),
+        (dict(aggregation="seq-mean-token-sum", seq_token_sum_constant=0.0), "seq_token_sum_constant"),
+    ],
+)
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kwargs)
@@ -329,8 +419,14 @@ def test_bad_config_raises(kwargs, match):
 
 def test_bad_loss_inputs_raise():
     lp = torch.zeros(2, 3)
-    ok = dict(old_logprobs=lp, advantages=torch.zeros(2), selection_mask=lp > -1,
-              selection_prob=torch.ones(2, 3), lengths=torch.tensor([3, 3]), cfg=LossConfig())
+    ok = dict(
+        old_logprobs=lp,
+        advantages=torch.zeros(2),
+        selection_mask=lp > -1,
+        selection_prob=torch.ones(2, 3),
+        lengths=torch.tensor([3, 3]),
+        cfg=LossConfig(),
+    )
     cases = [
         (dict(old_logprobs=torch.zeros(2, 4)), "old_logprobs"),
         (dict(advantages=torch.zeros(3)), "advantages"),
@@ -366,8 +462,7 @@ def test_kl_estimators_by_hand():
     assert float(kl_penalty(lp, ref, "k2")) == pytest.approx(0.5 * d * d)
     assert float(kl_penalty(lp, ref, "k3")) == pytest.approx(0.5 - math.log(0.5) - 1)  # r - log r - 1
     # k3 is clamped like verl's low_var_kl: log-ratio to +-20, the estimate to +-10.
-    assert float(kl_penalty(torch.tensor([0.0]), torch.tensor([-5.0]), "k3")) == pytest.approx(
-        math.exp(-5) + 5 - 1)
+    assert float(kl_penalty(torch.tensor([0.0]), torch.tensor([-5.0]), "k3")) == pytest.approx(math.exp(-5) + 5 - 1)
     assert float(kl_penalty(torch.tensor([0.0]), torch.tensor([-50.0]), "k3")) == 10.0
     assert float(kl_penalty(torch.tensor([-50.0]), torch.tensor([0.0]), "k3")) == 10.0
     # The estimator enters the loss with kl_beta; on-policy, so the PG term is -A.
@@ -388,8 +483,9 @@ def test_dual_clip_and_tis_by_hand():
     # TIS weights multiply the policy term (not the KL term), per token.
     lp = torch.zeros(1, 2)
     tis = torch.tensor([[0.5, 2.0]])
-    loss, _, _, _ = token_objective(lp, lp, torch.tensor([1.0]), LossConfig(kl_beta=1.0, kl_estimator="k1"),
-                                    ref_logprobs=lp - 1.0, tis_weights=tis)
+    loss, _, _, _ = token_objective(
+        lp, lp, torch.tensor([1.0]), LossConfig(kl_beta=1.0, kl_estimator="k1"), ref_logprobs=lp - 1.0, tis_weights=tis
+    )
     assert torch.allclose(loss, torch.tensor([[-0.5 + 1.0, -2.0 + 1.0]]))
     # Clip sides: rho 0.5 with A < 0 is clipped low, rho 1.5 with A > 0 clipped high.
     _, low = _one_token(math.log(0.5), 0.0, -1.0, LossConfig())
@@ -398,11 +494,16 @@ def test_dual_clip_and_tis_by_hand():
     assert float(high["clip_high_fraction"]) == 1.0 and float(high["ratio_max"]) == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(kl_estimator="k4"), "kl_estimator"), (dict(clip_ratio_c=1.0), "clip_ratio_c"),
-    (dict(tis_cap=2.0), "tis_cap needs"), (dict(tis_cap=0.0, old_logprobs="recompute"), "tis_cap"),
-    (dict(old_logprobs="engine"), "old_logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kl_estimator="k4"), "kl_estimator"),
+        (dict(clip_ratio_c=1.0), "clip_ratio_c"),
+        (dict(tis_cap=2.0), "tis_cap needs"),
+        (dict(tis_cap=0.0, old_logprobs="recompute"), "tis_cap"),
+        (dict(old_logprobs="engine"), "old_logprobs"),
+    ],
+)
 def test_new_loss_keys_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kwargs)

@@ -87,10 +87,8 @@ def results(reference):
     def get(name):
         if name not in cache:
             names = next((b for b in BATCHED if name in b), (name,))
-            runs = [{"layout": LAYOUTS[n][0], "micro_batches": (LAYOUTS[n] + (4,))[2]}
-                    for n in names]
-            got = launch("tests.nat.workers:nat_checks_layouts", LAYOUTS[name][1], runs=runs,
-                         hf_dir=hf)[0]
+            runs = [{"layout": LAYOUTS[n][0], "micro_batches": (LAYOUTS[n] + (4,))[2]} for n in names]
+            got = launch("tests.nat.workers:nat_checks_layouts", LAYOUTS[name][1], runs=runs, hf_dir=hf)[0]
             cache.update(zip(names, got))
         return cache[name]
 

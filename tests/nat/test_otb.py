@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from nat_megatron.nat.loss import group_advantages
-from nat_megatron.nat.otb import (logit_gradient_proxy, optimal_token_baseline, outcome_returns,
-                                  proxy_prefix_lengths)
+from nat_megatron.nat.otb import logit_gradient_proxy, optimal_token_baseline, outcome_returns, proxy_prefix_lengths
 from nat_megatron.nat.selection import sample
 
 D = torch.float64
@@ -56,11 +55,14 @@ def reference_otb(returns, proxy, mask, group_index, eps=1e-8, zero_tail=True):
 HAND_G = torch.tensor([1.0, 0.0, 2.0], dtype=D)
 HAND_LENGTHS = [3, 2, 4]
 HAND_PROXY = torch.tensor([[1, 1, 1, 0], [2, 2, 0, 0], [1, 0, 1, 2]], dtype=D)
-HAND_ADV = torch.tensor([
-    [1 - 3 / 4, 1 - 4 / 7, 1 - 7 / 5, 0.0],
-    [0 - 3 / 4, 0 - 4 / 7, 0.0, 0.0],
-    [2 - 3 / 4, 2 - 4 / 7, 2 - 7 / 5, 2.0],  # last: baseline 0 (zero tail), A = G
-], dtype=D)
+HAND_ADV = torch.tensor(
+    [
+        [1 - 3 / 4, 1 - 4 / 7, 1 - 7 / 5, 0.0],
+        [0 - 3 / 4, 0 - 4 / 7, 0.0, 0.0],
+        [2 - 3 / 4, 2 - 4 / 7, 2 - 7 / 5, 2.0],  # last: baseline 0 (zero tail), A = G
+    ],
+    dtype=D,
+)
 
 
 def hand_inputs():
@@ -84,8 +86,7 @@ def test_zero_tail_off():
     expected[2, 3] = 2.0 - 8.0 / (4.0 + 1e-8)
     torch.testing.assert_close(adv, expected, rtol=0, atol=1e-7)
     assert abs(float(adv[2, 3])) < 1e-8
-    torch.testing.assert_close(adv, reference_otb(returns, proxy, mask, gi, zero_tail=False),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(adv, reference_otb(returns, proxy, mask, gi, zero_tail=False), rtol=0, atol=1e-12)
 
 
 def test_zero_tail_tied_longest():
@@ -96,9 +97,9 @@ def test_zero_tail_tied_longest():
     returns = outcome_returns(torch.tensor([1.0, 3.0, 0.0], dtype=D), mask)
     proxy = torch.ones(3, 4, dtype=D)
     adv = optimal_token_baseline(returns, proxy, mask, torch.tensor([5, 5, 5]))
-    expected = torch.tensor([[1 - 4 / 3, 1 - 4 / 3, -1.0, -1.0],
-                             [3 - 4 / 3, 3 - 4 / 3, 1.0, 1.0],
-                             [-4 / 3, -4 / 3, 0.0, 0.0]], dtype=D)
+    expected = torch.tensor(
+        [[1 - 4 / 3, 1 - 4 / 3, -1.0, -1.0], [3 - 4 / 3, 3 - 4 / 3, 1.0, 1.0], [-4 / 3, -4 / 3, 0.0, 0.0]], dtype=D
+    )
     torch.testing.assert_close(adv, expected, rtol=0, atol=1e-7)
     off = optimal_token_baseline(returns, proxy, mask, torch.tensor([5, 5, 5]), zero_tail=False)
     assert torch.equal(adv, off)
@@ -131,8 +132,7 @@ def test_interleaved_groups_match_separate_groups():
     proxy[~mask] = float("nan")  # off the mask: ignored, even nan
     adv = optimal_token_baseline(returns, proxy, mask, gi)
     assert torch.isfinite(adv).all() and not adv[~mask].any()
-    torch.testing.assert_close(adv, reference_otb(returns, proxy.nan_to_num(0.0), mask, gi),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(adv, reference_otb(returns, proxy.nan_to_num(0.0), mask, gi), rtol=0, atol=1e-12)
     for gid in (7, 3, 9):
         rows = (gi == gid).nonzero().squeeze(-1)
         alone = optimal_token_baseline(returns[rows], proxy[rows], mask[rows], gi[rows])
@@ -154,8 +154,7 @@ def test_eps_when_w_is_zero():
     # B = (1*1 + 3*1) / (1 + 1 + 1) = 4/3 instead of the mean 2.
     mask = prefix_mask([1, 1])
     returns = outcome_returns(torch.tensor([1.0, 3.0], dtype=D), mask)
-    adv = optimal_token_baseline(returns, torch.ones(2, 1, dtype=D), mask, torch.tensor([0, 0]),
-                                 eps=1.0)
+    adv = optimal_token_baseline(returns, torch.ones(2, 1, dtype=D), mask, torch.tensor([0, 0]), eps=1.0)
     torch.testing.assert_close(adv, torch.tensor([[1 - 4 / 3], [3 - 4 / 3]], dtype=D))
 
 
@@ -166,14 +165,14 @@ def test_equal_w_is_the_group_mean():
     lengths = torch.tensor([5, 3, 6, 4])
     mask = prefix_mask(lengths)
     rewards = torch.rand(4, generator=g, dtype=D)
-    adv = optimal_token_baseline(outcome_returns(rewards, mask), torch.full((4, 6), 0.3, dtype=D),
-                                 mask, torch.zeros(4, dtype=torch.long))
+    adv = optimal_token_baseline(
+        outcome_returns(rewards, mask), torch.full((4, 6), 0.3, dtype=D), mask, torch.zeros(4, dtype=torch.long)
+    )
     drgrpo = group_advantages(rewards, 4, scale="none")
     torch.testing.assert_close(adv[:, :3], drgrpo[:, None].expand(4, 3), rtol=0, atol=1e-7)
     # t = 3: rows 0, 2, 3 reach it; their mean is the baseline.
     reach = torch.tensor([0, 2, 3])
-    torch.testing.assert_close(adv[reach, 3], rewards[reach] - rewards[reach].mean(), rtol=0,
-                               atol=1e-7)
+    torch.testing.assert_close(adv[reach, 3], rewards[reach] - rewards[reach].mean(), rtol=0, atol=1e-7)
 
 
 def test_float32_in_float32_out():
@@ -186,7 +185,7 @@ def test_float32_in_float32_out():
 def test_helpers():
     lp = torch.tensor([0.0, -1.0, -0.1])
     s2 = torch.tensor([1.0, 0.2, 0.85])  # sum p^2 >= p_y^2
-    expected = torch.tensor([0.0, 1 - 2 * torch.e ** -1 + 0.2, 1 - 2 * torch.e ** -0.1 + 0.85])
+    expected = torch.tensor([0.0, 1 - 2 * torch.e**-1 + 0.2, 1 - 2 * torch.e**-0.1 + 0.85])
     torch.testing.assert_close(logit_gradient_proxy(lp, s2), expected)
     assert logit_gradient_proxy(lp.double(), s2.bfloat16()).dtype == torch.float32
     # p_y = 1 within rounding: never below 0.
@@ -228,11 +227,13 @@ def test_nat_rule_truncated_proxy_is_exact_on_kept_positions(scheme, budget):
     full = optimal_token_baseline(returns, proxy, mask, gi)
     kept_or_before = positions[None] <= last_kept[:, None]  # every row: t <= its last kept
     changed = False
-    for junk in (torch.zeros(B, T, dtype=D), 100 * torch.rand(B, T, generator=g, dtype=D),
-                 torch.full((B, T), float("nan"), dtype=D)):
+    for junk in (
+        torch.zeros(B, T, dtype=D),
+        100 * torch.rand(B, T, generator=g, dtype=D),
+        torch.full((B, T), float("nan"), dtype=D),
+    ):
         trunc = optimal_token_baseline(returns, torch.where(beyond, junk, proxy), mask, gi)
-        torch.testing.assert_close(trunc[kept_or_before], full[kept_or_before], rtol=1e-12,
-                                   atol=1e-12)
+        torch.testing.assert_close(trunc[kept_or_before], full[kept_or_before], rtol=1e-12, atol=1e-12)
         changed |= not torch.allclose(trunc[mask], full[mask])
     assert changed  # the truncation did change advantages off the kept positions
 
@@ -246,8 +247,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="mask"):
         optimal_token_baseline(returns, proxy, mask.float(), gi)
     with pytest.raises(ValueError, match="mask must be a prefix"):
-        optimal_token_baseline(returns, proxy, torch.tensor([[True, False, True, False]] * 3),
-                               gi)
+        optimal_token_baseline(returns, proxy, torch.tensor([[True, False, True, False]] * 3), gi)
     with pytest.raises(ValueError, match="group_index"):
         optimal_token_baseline(returns, proxy, mask, gi[:2])
     with pytest.raises(ValueError, match="group_index"):

@@ -34,8 +34,15 @@ def llama_case() -> dict:
 
     torch.manual_seed(0)
     V, width = 100, 104
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():  # the random init gives near-uniform p; sharpen it for variety
         model.lm_head.weight.mul_(50.0)
@@ -44,8 +51,7 @@ def llama_case() -> dict:
     logits = torch.cat([z, torch.full((*z.shape[:-1], width - V), PAD_GARBAGE)], dim=-1)
     # Sampled tokens: the greedy one at even positions (small proxy), the next input elsewhere.
     even = torch.arange(z.shape[1]) % 2 == 0
-    return {"logits": logits, "targets": torch.where(even, z.argmax(-1), ids[:, 1:]),
-            "vocab_size": V}
+    return {"logits": logits, "targets": torch.where(even, z.argmax(-1), ids[:, 1:]), "vocab_size": V}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,7 @@ def results(ranks, k):
 
 def full_vocab_proxy(case) -> torch.Tensor:
     """||e_y - softmax(z)||^2 in plain fp32 torch, on the real vocabulary columns."""
-    z = case["logits"][..., :case["vocab_size"]].float()
+    z = case["logits"][..., : case["vocab_size"]].float()
     p = z.softmax(-1)
     e = torch.nn.functional.one_hot(case["targets"], case["vocab_size"]).float()
     return (e - p).square().sum(-1)
@@ -71,7 +77,7 @@ def full_vocab_proxy(case) -> torch.Tensor:
 
 def autograd_proxy(case) -> torch.Tensor:
     """||d log p_y / d z||^2 per position, by autograd on the logits (a leaf)."""
-    z = case["logits"][..., :case["vocab_size"]].float().clone().requires_grad_(True)
+    z = case["logits"][..., : case["vocab_size"]].float().clone().requires_grad_(True)
     logp = z.log_softmax(-1).gather(-1, case["targets"].unsqueeze(-1)).squeeze(-1)
     # log p at a position depends only on that position's logits, so the gradient of the sum
     # holds every position's own gradient d log p_t / d z_t in its row.
@@ -85,8 +91,13 @@ def test_proxy_equals_full_vocab_norm(runs):
     for k, case in enumerate(cases):
         ref = full_vocab_proxy(case)
         assert ref.min() < 0.05 and ref.max() > 1.5  # each case spans small and large proxies
-        lp = case["logits"][..., :case["vocab_size"]].float().log_softmax(-1).gather(
-            -1, case["targets"].unsqueeze(-1)).squeeze(-1)
+        lp = (
+            case["logits"][..., : case["vocab_size"]]
+            .float()
+            .log_softmax(-1)
+            .gather(-1, case["targets"].unsqueeze(-1))
+            .squeeze(-1)
+        )
         for res in results(ranks, k):
             assert res["proxy"].dtype == torch.float32
             torch.testing.assert_close(res["proxy"], ref, rtol=0, atol=TOL)

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from nat_megatron.nat.selection import (Selection, rpc_inclusion_prob, sample,
-                                        selection_generators)
+from nat_megatron.nat.selection import Selection, rpc_inclusion_prob, sample, selection_generators
 
 LENGTHS = torch.tensor([1, 2, 3, 5, 8, 13])
 DRAWS = 20_000
@@ -21,6 +20,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # (scheme, budget, options, expected kept fraction)
 MC_CASES = [
     *[("urs", b, {}, b) for b in (0.25, 0.5, 0.75)],
@@ -29,13 +29,11 @@ MC_CASES = [
     ("rpc+urs", 0.25, {"urs_budget": 0.5, "rpc_floor": 0.2}, 0.25),
     ("rpc", 0.25, {"rpc_floor": 0.1}, 0.25),
     ("rpc", 0.5, {"rpc_floor": 0.5}, 0.5),  # floor == budget: whole response or nothing
-    ("urs", 0.3, {"urs_fixed_count": True},
-     sum(math.ceil(0.3 * t) for t in LENGTHS.tolist()) / int(LENGTHS.sum())),
+    ("urs", 0.3, {"urs_fixed_count": True}, sum(math.ceil(0.3 * t) for t in LENGTHS.tolist()) / int(LENGTHS.sum())),
 ]
 
 
-@pytest.mark.parametrize("scheme,budget,options,expected", MC_CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in MC_CASES])
+@pytest.mark.parametrize("scheme,budget,options,expected", MC_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in MC_CASES])
 def test_monte_carlo_inclusion_matches_prob(scheme, budget, options, expected):
     gen = torch.Generator().manual_seed(1234)
     sel = sample(scheme, budget, LENGTHS.repeat(DRAWS), gen, **options)
@@ -108,12 +106,12 @@ def test_rpc_half_budget_near_uniform_cut_and_closed_form():
     assert torch.allclose(rpc_inclusion_prob(lengths, 0.3)[0], 0.6 * (6 - t) / 6, atol=1e-15)
     # High branch: w = (2bT - T - 1)/(T - 1), pi_t = w + (1 - w)(T - t + 1)/T.
     w = (2 * 0.8 * 5 - 6) / 4
-    assert torch.allclose(rpc_inclusion_prob(lengths, 0.8)[0], w + (1 - w) * (6 - t) / 5,
-                          atol=1e-15)
+    assert torch.allclose(rpc_inclusion_prob(lengths, 0.8)[0], w + (1 - w) * (6 - t) / 5, atol=1e-15)
 
 
-@pytest.mark.parametrize("scheme,options", [("urs", {}), ("rpc", {}), ("rpc", {"rpc_floor": 0.3}),
-                                            ("rpc+urs", {"urs_budget": 1.0})])
+@pytest.mark.parametrize(
+    "scheme,options", [("urs", {}), ("rpc", {}), ("rpc", {"rpc_floor": 0.3}), ("rpc+urs", {"urs_budget": 1.0})]
+)
 def test_budget_one_keeps_everything_with_prob_one(scheme, options):
     gen = torch.Generator().manual_seed(0)
     full = sample("none", 1.0, LENGTHS, gen)
@@ -136,8 +134,12 @@ def test_per_sample_generators_ignore_batch_order_and_padding(scheme):
     base = sample(scheme, 0.5, lengths, selection_generators(1, 17, ids))
     # A different rank holds the same samples in another order, next to a longer one.
     order = [2, 0, 3, 1]
-    other = sample(scheme, 0.5, torch.cat([lengths[order], torch.tensor([20])]),
-                   selection_generators(1, 17, [ids[i] for i in order] + [99]))
+    other = sample(
+        scheme,
+        0.5,
+        torch.cat([lengths[order], torch.tensor([20])]),
+        selection_generators(1, 17, [ids[i] for i in order] + [99]),
+    )
     for j, i in enumerate(order):
         n = int(lengths[i])
         assert torch.equal(other.mask[j, :n], base.mask[i, :n])

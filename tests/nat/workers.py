@@ -17,10 +17,10 @@ from megatron.core import parallel_state
 from nat_megatron.checkpoint.gather import gather_full
 from nat_megatron.checkpoint.hf_io import HFReader
 from nat_megatron.checkpoint.hf_mapping import load_hf_weights
-from nat_megatron.model.arch import ModelArch
 from nat_megatron.model import output as output_module
+from nat_megatron.model.arch import ModelArch
 from nat_megatron.model.build import build_model
-from nat_megatron.nat.loss import LossConfig, grpo_loss_sum, group_advantages
+from nat_megatron.nat.loss import LossConfig, group_advantages, grpo_loss_sum
 from nat_megatron.nat.selection import sample, selection_generators
 from nat_megatron.parallel.distributed import init_distributed, shutdown
 from nat_megatron.parallel.layout import Layout, token_multiple
@@ -47,11 +47,15 @@ def make_samples(n: int = 8, vocab: int = 300, seed: int = 0) -> list[Sample]:
     out = []
     for i in range(n):
         P, T = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(5, 25, (1,), generator=g))
-        out.append(Sample(prompt=torch.randint(0, vocab, (P,), generator=g),
-                          response=torch.randint(0, vocab, (T,), generator=g),
-                          # around a random model's log p (~ -log 300): ratios clip both ways
-                          old_logprobs=-4.0 - 3.0 * torch.rand(T, generator=g),
-                          advantage=float(adv[i])))
+        out.append(
+            Sample(
+                prompt=torch.randint(0, vocab, (P,), generator=g),
+                response=torch.randint(0, vocab, (T,), generator=g),
+                # around a random model's log p (~ -log 300): ratios clip both ways
+                old_logprobs=-4.0 - 3.0 * torch.rand(T, generator=g),
+                advantage=float(adv[i]),
+            )
+        )
     return out
 
 
@@ -81,17 +85,25 @@ def _loss_and_grads(ddp, mbs, loss_fn, vocab, output_mask):
     contributes = last and parallel_state.get_tensor_model_parallel_rank() == 0
     both = torch.zeros(2, dtype=torch.float64)
     if contributes:
-        both += torch.stack([sum(o["loss_sum"] for o in outs).double(),
-                             sum(o["count"] for o in outs).double()])
+        both += torch.stack([sum(o["loss_sum"] for o in outs).double(), sum(o["count"] for o in outs).double()])
     dist.all_reduce(both)
     return {"loss": float(both[0] / both[1]), "grads": gather_full(ddp, grads=True)}
 
 
 def _selected_vs_full(ddp, mbs, vocab) -> dict[str, float]:
     """Max relative difference of logits and log-probs at kept positions, selected vs full."""
-    runs = [forward_backward(ddp, mbs, lambda st, mb: (st["logprobs"].sum() * 0, 0),
-                             vocab_size=vocab, forward_only=True, keep_logits=True,
-                             output_mask=m) for m in (None, KEPT_FIELD)]
+    runs = [
+        forward_backward(
+            ddp,
+            mbs,
+            lambda st, mb: (st["logprobs"].sum() * 0, 0),
+            vocab_size=vocab,
+            forward_only=True,
+            keep_logits=True,
+            output_mask=m,
+        )
+        for m in (None, KEPT_FIELD)
+    ]
     if len(ddp) > 1:  # the interleaved schedule padded every micro-batch to the longest
         mbs = [mb.pad_to(max(m.seq_len for m in mbs)) for mb in mbs]
     diff = torch.zeros(3, dtype=torch.float64)  # logits, logprobs, number of compared positions
@@ -103,8 +115,7 @@ def _selected_vs_full(ddp, mbs, vocab) -> dict[str, float]:
         ref = full["logits"][kept]
         diff[0] = max(diff[0], float((sel["logits"][kept] - ref).abs().max() / ref.abs().max()))
         lp_ref = full["stats"]["logprobs"][kept]
-        diff[1] = max(diff[1], float((sel["stats"]["logprobs"][kept] - lp_ref).abs().max()
-                                     / lp_ref.abs().max()))
+        diff[1] = max(diff[1], float((sel["stats"]["logprobs"][kept] - lp_ref).abs().max() / lp_ref.abs().max()))
         diff[2] += int(kept.sum())
     d = diff[:2].clone()
     dist.all_reduce(d, op=dist.ReduceOp.MAX)
@@ -119,15 +130,26 @@ def plain_grpo(ddp, samples, vocab, cfg):
     mbs = []
     for i, s in enumerate(samples):
         seq = torch.cat([s.prompt, s.response])
-        mbs.append(MicroBatch(tokens=seq[None, :-1], targets=seq[None, 1:], count=len(s.response),
-                              fields={"i": torch.full((1, len(seq) - 1), i)}))
+        mbs.append(
+            MicroBatch(
+                tokens=seq[None, :-1],
+                targets=seq[None, 1:],
+                count=len(s.response),
+                fields={"i": torch.full((1, len(seq) - 1), i)},
+            )
+        )
 
     def loss_fn(stats, mb):
         s = samples[int(mb.fields["i"][0, 0])]
         P, T = len(s.prompt), len(s.response)
-        lp = stats["logprobs"][:, P - 1:P - 1 + T]
-        loss, _ = grpo_loss_sum(lp, old_logprobs=s.old_logprobs[None], lengths=torch.tensor([T]),
-                                advantages=torch.tensor([s.advantage]), cfg=cfg)
+        lp = stats["logprobs"][:, P - 1 : P - 1 + T]
+        loss, _ = grpo_loss_sum(
+            lp,
+            old_logprobs=s.old_logprobs[None],
+            lengths=torch.tensor([T]),
+            advantages=torch.tensor([s.advantage]),
+            cfg=cfg,
+        )
         return loss, mb.count
 
     return _loss_and_grads(ddp, mbs, loss_fn, vocab, None)
@@ -138,8 +160,7 @@ def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
     the RPC selection needs (groups of 2), per-token advantages, then the NAT loss and grads."""
     from dataclasses import replace
 
-    from nat_megatron.nat.otb import (logit_gradient_proxy, optimal_token_baseline, outcome_returns,
-                                      proxy_prefix_lengths)
+    from nat_megatron.nat.otb import logit_gradient_proxy, optimal_token_baseline, outcome_returns, proxy_prefix_lengths
     from nat_megatron.train.token_stats import token_stats
 
     n = len(samples)
@@ -147,16 +168,21 @@ def _otb_check(ddp, samples, sel, lay, vocab, micro_batches):
     last = (sel.mask * torch.arange(1, sel.mask.shape[1] + 1)).amax(1)
     prefix = proxy_prefix_lengths(sel.lengths, last, group)
     keep = torch.arange(int(sel.lengths.max()))[None] < prefix[:, None]
-    stats = token_stats(ddp, samples, keep, layout=lay, vocab_size=vocab, micro_batch_size=2,
-                        sum_p2=True)
+    stats = token_stats(ddp, samples, keep, layout=lay, vocab_size=vocab, micro_batch_size=2, sum_p2=True)
     pos = torch.arange(stats["logprobs"].shape[1])[None]
     mask = pos < sel.lengths[:, None]
     proxy = torch.where(pos < prefix[:, None], logit_gradient_proxy(stats["logprobs"], stats["sum_p2"]), 0.0)
     rewards = torch.tensor([float(s.advantage) for s in samples])
     adv = optimal_token_baseline(outcome_returns(rewards, mask), proxy, mask, group)
-    otb = [replace(s, advantage=adv[i, :len(s.response)].clone()) for i, s in enumerate(samples)]
-    mbs = build_micro_batches(otb, sel, aggregation="token-mean", seq_multiple=token_multiple(lay),
-                              num_micro_batches=micro_batches, pad_rows=lay.vpp is not None)
+    otb = [replace(s, advantage=adv[i, : len(s.response)].clone()) for i, s in enumerate(samples)]
+    mbs = build_micro_batches(
+        otb,
+        sel,
+        aggregation="token-mean",
+        seq_multiple=token_multiple(lay),
+        num_micro_batches=micro_batches,
+        pad_rows=lay.vpp is not None,
+    )
     stats["prefix"] = prefix
     return stats, _loss_and_grads(ddp, mbs, nat_loss_fn(LossConfig()), vocab, KEPT_FIELD)
 
@@ -171,19 +197,27 @@ def _two_updates(ddp, samples, sel, lay, vocab) -> dict:
     from nat_megatron.train.optimizer import build_optimizer
 
     g = torch.Generator().manual_seed(7)
-    samples = [replace(s, ref_logprobs=s.old_logprobs + 0.3 * torch.randn(len(s.response), generator=g))
-               for s in samples]
+    samples = [
+        replace(s, ref_logprobs=s.old_logprobs + 0.3 * torch.randn(len(s.response), generator=g)) for s in samples
+    ]
     # Plain SGD: the update is linear in the gradients (Adam's first step is not, see
     # tests/parallel).
-    opt = build_optimizer(ddp, lr=0.05, optimizer="sgd", sgd_momentum=0.0, use_distributed_optimizer=False,
-                          clip_grad=0.0)
+    opt = build_optimizer(
+        ddp, lr=0.05, optimizer="sgd", sgd_momentum=0.0, use_distributed_optimizer=False, clip_grad=0.0
+    )
     cfg = LossConfig(kl_beta=0.5, kl_estimator="k3")
     before, grads = gather_full(ddp), []
     for part in torch.arange(len(samples)).tensor_split(2):
         mine = [samples[i] for i in part.tolist()]
         sub = Selection(sel.mask[part], sel.prob[part], sel.cut[part], sel.lengths[part])
-        mbs = build_micro_batches(mine, sub, aggregation=cfg.aggregation, seq_multiple=lay.seq_multiple,
-                                  num_micro_batches=2, pad_rows=lay.vpp is not None)
+        mbs = build_micro_batches(
+            mine,
+            sub,
+            aggregation=cfg.aggregation,
+            seq_multiple=lay.seq_multiple,
+            num_micro_batches=2,
+            pad_rows=lay.vpp is not None,
+        )
         for c in ddp:
             c.zero_grad_buffer()
         opt.zero_grad()
@@ -200,8 +234,7 @@ def nat_checks_layouts(*, runs: list[dict], hf_dir: str):
     return out if dist_rank0() else None
 
 
-def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4,
-               keep_groups: bool = False):
+def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches: int = 4, keep_groups: bool = False):
     """Every NAT check under one layout; a dict on global rank 0, None elsewhere."""
     lay = Layout(**layout)
     if parallel_state.model_parallel_is_initialized():  # a previous layout of this launch
@@ -219,12 +252,18 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
     rank = dist.get_rank()
     order = list(range(n)) if rank % 2 == 0 else list(reversed(range(n)))
     sels = {name: draw(samples, scheme, budget, order) for name, (scheme, budget, _) in CHECKS.items()}
-    mbs = {name: build_micro_batches(samples, sels[name], aggregation=agg, seq_multiple=multiple,
-                                     num_micro_batches=micro_batches,
-                                     pad_rows=lay.vpp is not None)
-           for name, (_, _, agg) in CHECKS.items()}
-    digest = _digest([t for name in CHECKS for t in (sels[name].mask, sels[name].prob,
-                                                     sels[name].cut)])
+    mbs = {
+        name: build_micro_batches(
+            samples,
+            sels[name],
+            aggregation=agg,
+            seq_multiple=multiple,
+            num_micro_batches=micro_batches,
+            pad_rows=lay.vpp is not None,
+        )
+        for name, (_, _, agg) in CHECKS.items()
+    }
+    digest = _digest([t for name in CHECKS for t in (sels[name].mask, sels[name].prob, sels[name].cut)])
     shapes = [[tuple(mb.tokens.shape) for mb in mbs[k]] for k in CHECKS]
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (digest, shapes))
@@ -235,33 +274,33 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
 
     result["selected_vs_full"] = _selected_vs_full(ddp, mbs["rpc"], arch.vocab_size)
     for name, (_, _, agg) in CHECKS.items():
-        cfg = LossConfig(aggregation=agg, seq_token_sum_constant=32.0
-                         if agg == "seq-mean-token-sum" else None)
-        result["checks"][name] = _loss_and_grads(ddp, mbs[name], nat_loss_fn(cfg),
-                                                 arch.vocab_size, KEPT_FIELD)
+        cfg = LossConfig(aggregation=agg, seq_token_sum_constant=32.0 if agg == "seq-mean-token-sum" else None)
+        result["checks"][name] = _loss_and_grads(ddp, mbs[name], nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
     # The selected path (last layer, final norm and output layer on the kept positions only)
     # against the full path: same loss, same gradient of every parameter.
     urs_cfg = LossConfig(aggregation=CHECKS["urs"][2])
-    result["urs_full_path"] = _loss_and_grads(ddp, mbs["urs"], nat_loss_fn(urs_cfg),
-                                              arch.vocab_size, None)
+    result["urs_full_path"] = _loss_and_grads(ddp, mbs["urs"], nat_loss_fn(urs_cfg), arch.vocab_size, None)
     # MXFP8's selected-count multiple (32 rows per TP rank), forced through the real rule with
     # an FP8 view of the config (no Transformer Engine on CPU). The padding rows must change
     # nothing.
     plain_multiple = output_module.selected_count_multiple
-    output_module.selected_count_multiple = lambda config: plain_multiple(SimpleNamespace(
-        sequence_parallel=config.sequence_parallel, fp8="hybrid", fp8_recipe="mxfp8"))
+    output_module.selected_count_multiple = lambda config: plain_multiple(
+        SimpleNamespace(sequence_parallel=config.sequence_parallel, fp8="hybrid", fp8_recipe="mxfp8")
+    )
     try:
-        result["rpc_pad_fp8"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()),
-                                              arch.vocab_size, KEPT_FIELD)
+        result["rpc_pad_fp8"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()), arch.vocab_size, KEPT_FIELD)
     finally:
         output_module.selected_count_multiple = plain_multiple
-    result["otb_stats"], result["otb"] = _otb_check(ddp, samples, sels["rpc"], lay, arch.vocab_size,
-                                                    micro_batches)
+    result["otb_stats"], result["otb"] = _otb_check(ddp, samples, sels["rpc"], lay, arch.vocab_size, micro_batches)
     if plain:  # scheme "none" through batching + NAT loss against plain GRPO
         cfg = LossConfig()
-        none = build_micro_batches(samples, draw(samples, "none", 1.0, list(range(n))),
-                                   aggregation=cfg.aggregation, seq_multiple=multiple,
-                                   num_micro_batches=micro_batches)
+        none = build_micro_batches(
+            samples,
+            draw(samples, "none", 1.0, list(range(n))),
+            aggregation=cfg.aggregation,
+            seq_multiple=multiple,
+            num_micro_batches=micro_batches,
+        )
         result["none"] = _loss_and_grads(ddp, none, nat_loss_fn(cfg), arch.vocab_size, KEPT_FIELD)
         result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
         # The selected last layer under full-layer recompute (the decoder replays layer ranges
@@ -271,8 +310,12 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
         recomputed = build_model(arch, lay, **RECOMPUTE["full"])
         load_hf_weights(recomputed, arch, HFReader(hf_dir))
         result["urs_full_recompute"] = _loss_and_grads(
-            wrap_ddp(recomputed, use_distributed_optimizer=False), mbs["urs"],
-            nat_loss_fn(LossConfig(aggregation=CHECKS["urs"][2])), arch.vocab_size, KEPT_FIELD)
+            wrap_ddp(recomputed, use_distributed_optimizer=False),
+            mbs["urs"],
+            nat_loss_fn(LossConfig(aggregation=CHECKS["urs"][2])),
+            arch.vocab_size,
+            KEPT_FIELD,
+        )
     # Device discipline: gathering grads must keep them on the model's device for the
     # collectives (NCCL on GPUs); tests/device_guard.py refuses anything else.
     with device_discipline(ddp):
@@ -280,8 +323,8 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
     plain_grads = gather_full(ddp, grads=True)
     if plain_grads is not None:
         result["guarded_gather_equal"] = guarded.keys() == plain_grads.keys() and all(
-            torch.equal(guarded[k], plain_grads[k]) and type(guarded[k]) is torch.Tensor
-            for k in plain_grads)
+            torch.equal(guarded[k], plain_grads[k]) and type(guarded[k]) is torch.Tensor for k in plain_grads
+        )
     # Last: it changes the weights.
     result["two_updates"] = _two_updates(ddp, samples, sels["rpc"], lay, arch.vocab_size)
     if not keep_groups:

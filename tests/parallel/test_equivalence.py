@@ -48,8 +48,7 @@ def results(reference):
     def get(name):
         if name not in cache:
             names = next((b for b in BATCHED if name in b), (name,))
-            runs = [{"layout": LAYOUTS[n][0], "distributed_optimizer": n.endswith("distopt")}
-                    for n in names]
+            runs = [{"layout": LAYOUTS[n][0], "distributed_optimizer": n.endswith("distopt")} for n in names]
             got = launch("tests.parallel.workers:run_layouts", LAYOUTS[name][1], runs=runs, **kw)[0]
             cache.update(zip(names, got))
         return cache[name]

@@ -12,9 +12,11 @@ import torch
 
 from nat_megatron.parallel.layout import FP8_ALIGN, Layout, token_multiple
 
-LAYOUTS = [Layout(tp=tp, cp=cp, sequence_parallel=sp)
-           for tp, cp, sp in itertools.product((1, 2, 3, 4, 8), (1, 2, 4), (False, True))
-           if tp > 1 or not sp]
+LAYOUTS = [
+    Layout(tp=tp, cp=cp, sequence_parallel=sp)
+    for tp, cp, sp in itertools.product((1, 2, 3, 4, 8), (1, 2, 4), (False, True))
+    if tp > 1 or not sp
+]
 
 
 def smallest_valid(layout: Layout, fp8: str | None, selected: bool) -> int:
@@ -34,8 +36,11 @@ def smallest_valid(layout: Layout, fp8: str | None, selected: bool) -> int:
 def test_multiples_match_the_per_rank_rule(fp8):
     for lay in LAYOUTS:
         for selected in (False, True):
-            assert token_multiple(lay, fp8=fp8, selected=selected) == \
-                smallest_valid(lay, fp8, selected), (lay, fp8, selected)
+            assert token_multiple(lay, fp8=fp8, selected=selected) == smallest_valid(lay, fp8, selected), (
+                lay,
+                fp8,
+                selected,
+            )
 
 
 def test_examples_and_layout_seq_multiple():
@@ -71,8 +76,11 @@ def test_fp8_reaches_the_transformer_config_and_needs_te():
     assert (cfg.fp8, cfg.fp8_recipe) == ("hybrid", "mxfp8")
     assert transformer_config(arch, Layout()).fp8 is None
     if not torch.cuda.is_available():  # this machine: no GPU, so no Transformer Engine
-        with pytest.raises(ValueError, match=r"model.fp8='delayed' needs Transformer Engine on a "
-                                             r"CUDA GPU, and this process has no GPU"):
+        with pytest.raises(
+            ValueError,
+            match=r"model.fp8='delayed' needs Transformer Engine on a "
+            r"CUDA GPU, and this process has no GPU",
+        ):
             build_model(arch, Layout(), fp8="delayed")
 
 
@@ -81,10 +89,17 @@ def test_forward_backward_names_an_unaligned_fp8_length():
 
     from nat_megatron.train.forward_backward import MicroBatch, _check_fp8_lengths
 
-    config = SimpleNamespace(fp8="hybrid", fp8_recipe="delayed", tensor_model_parallel_size=2,
-                             context_parallel_size=2, sequence_parallel=True)
-    mb = lambda s: MicroBatch(tokens=torch.zeros(1, s, dtype=torch.long),  # noqa: E731
-                              targets=torch.zeros(1, s, dtype=torch.long))
+    config = SimpleNamespace(
+        fp8="hybrid",
+        fp8_recipe="delayed",
+        tensor_model_parallel_size=2,
+        context_parallel_size=2,
+        sequence_parallel=True,
+    )
+    mb = lambda s: MicroBatch(
+        tokens=torch.zeros(1, s, dtype=torch.long),  # noqa: E731
+        targets=torch.zeros(1, s, dtype=torch.long),
+    )
     _check_fp8_lengths([SimpleNamespace(config=config)], [mb(64), mb(128)])
     with pytest.raises(ValueError, match=r"lengths \[16\] are not multiples of 64"):
         _check_fp8_lengths([SimpleNamespace(config=config)], [mb(64), mb(16)])

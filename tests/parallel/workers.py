@@ -10,9 +10,9 @@ from nat_megatron.checkpoint.gather import gather_full
 from nat_megatron.checkpoint.hf_io import HFReader
 from nat_megatron.checkpoint.hf_mapping import load_hf_weights
 from nat_megatron.model.arch import ModelArch
+from nat_megatron.model.build import build_model
 from nat_megatron.parallel.distributed import init_distributed, shutdown
 from nat_megatron.parallel.layout import Layout
-from nat_megatron.model.build import build_model
 from nat_megatron.train.forward_backward import MicroBatch, forward_backward
 from nat_megatron.train.optimizer import build_optimizer, wrap_ddp
 
@@ -44,8 +44,12 @@ def _to_rank0(t: torch.Tensor | None, have: bool, shape, dtype=torch.float32) ->
 
 def logits_for_models(*, layout: dict, hf_dirs: list[str], tokens, weights, lengths):
     """Full logits of every model in hf_dirs under one layout (one process-group set-up)."""
-    out = [run_layout(layout=layout, hf_dir=d, tokens=tokens, weights=weights, lengths=lengths,
-                      mode="logits", keep_groups=True) for d in hf_dirs]
+    out = [
+        run_layout(
+            layout=layout, hf_dir=d, tokens=tokens, weights=weights, lengths=lengths, mode="logits", keep_groups=True
+        )
+        for d in hf_dirs
+    ]
     shutdown()
     return out if dist_rank0() else None
 
@@ -62,9 +66,18 @@ def run_layouts(*, runs: list[dict], **common):
     return out if dist_rank0() else None
 
 
-def run_layout(*, layout: dict, hf_dir: str, tokens: torch.Tensor, weights: torch.Tensor,
-               lengths: list[int], mode: str = "train", lr: float = 1000.0,
-               distributed_optimizer: bool = True, keep_groups: bool = False):
+def run_layout(
+    *,
+    layout: dict,
+    hf_dir: str,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    lengths: list[int],
+    mode: str = "train",
+    lr: float = 1000.0,
+    distributed_optimizer: bool = True,
+    keep_groups: bool = False,
+):
     """mode="logits": full logits of every micro-batch; mode="train": loss, grads and the
     weights after one SGD step. Returns a dict on global rank 0, None elsewhere."""
     lay = Layout(**layout)
@@ -81,8 +94,9 @@ def run_layout(*, layout: dict, hf_dir: str, tokens: torch.Tensor, weights: torc
     if mode == "logits":
         for c in chunks:
             c.eval()
-        outs = forward_backward(chunks, mine, weighted_nll, vocab_size=arch.vocab_size,
-                                forward_only=True, keep_logits=True)
+        outs = forward_backward(
+            chunks, mine, weighted_nll, vocab_size=arch.vocab_size, forward_only=True, keep_logits=True
+        )
         logits = []
         longest = max(mb.seq_len for mb in mine)
         for i, mb in enumerate(mine):
@@ -102,8 +116,9 @@ def run_layout(*, layout: dict, hf_dir: str, tokens: torch.Tensor, weights: torc
         # rounding-level gradient differences stay rounding-level in the weights (plain
         # Adam's first step, lr * sign(g), would amplify them). The distributed optimizer
         # supports only Adam.
-        opt = build_optimizer(ddp, lr=lr, optimizer="adam", clip_grad=0.0, adam_eps=1.0,
-                              use_distributed_optimizer=distributed_optimizer)
+        opt = build_optimizer(
+            ddp, lr=lr, optimizer="adam", clip_grad=0.0, adam_eps=1.0, use_distributed_optimizer=distributed_optimizer
+        )
         before = gather_full(ddp)
         for c in ddp:
             c.zero_grad_buffer()
@@ -131,4 +146,5 @@ def run_layout(*, layout: dict, hf_dir: str, tokens: torch.Tensor, weights: torc
 
 def dist_rank0() -> bool:
     import os
+
     return os.environ.get("RANK", "0") == "0"

@@ -16,8 +16,9 @@ FLOOR = -2 * 5.0 / (math.pi / 2)  # -6.366...
 
 def bonus(correct, n_sig, n_insig, n_sig_ref, n_insig_ref, lambda_we_prime=0.0):
     t = lambda xs: torch.tensor(xs)
-    return bingo_bonus(t(correct), t(n_sig), t(n_insig), t(n_sig_ref), t(n_insig_ref),
-                       lambda_we_prime=lambda_we_prime, **LAMBDAS)
+    return bingo_bonus(
+        t(correct), t(n_sig), t(n_insig), t(n_sig_ref), t(n_insig_ref), lambda_we_prime=lambda_we_prime, **LAMBDAS
+    )
 
 
 # ----- bingo_bonus ------------------------------------------------------------------------
@@ -71,12 +72,26 @@ def test_zero_reference_count_divides_by_one():
 
 
 def test_float_reference_means_and_shape_check():
-    got = bingo_bonus(torch.tensor([True]), torch.tensor([4]), torch.tensor([3]),
-                      torch.tensor([4.0]), torch.tensor([6.0]), lambda_we_prime=0.0, **LAMBDAS)
+    got = bingo_bonus(
+        torch.tensor([True]),
+        torch.tensor([4]),
+        torch.tensor([3]),
+        torch.tensor([4.0]),
+        torch.tensor([6.0]),
+        lambda_we_prime=0.0,
+        **LAMBDAS,
+    )
     assert got.item() == pytest.approx(5 * math.cos(0.5))
     with pytest.raises(ValueError, match="one shape"):
-        bingo_bonus(torch.tensor([True, False]), torch.tensor([1]), torch.tensor([1]),
-                    torch.tensor([1]), torch.tensor([1]), lambda_we_prime=0.0, **LAMBDAS)
+        bingo_bonus(
+            torch.tensor([True, False]),
+            torch.tensor([1]),
+            torch.tensor([1]),
+            torch.tensor([1]),
+            torch.tensor([1]),
+            lambda_we_prime=0.0,
+            **LAMBDAS,
+        )
 
 
 # ----- DynamicLambda ----------------------------------------------------------------------
@@ -154,8 +169,7 @@ def test_state_dict_round_trip_resumes_identically():
     b = DynamicLambda(start_step=5, window=4)
     b.load_state_dict(state)
     accs = [0.21, 0.21, 0.3, 0.1, 0.5, 0.5]
-    assert [a.update(7 + i, x) for i, x in enumerate(accs)] == \
-           [b.update(7 + i, x) for i, x in enumerate(accs)]
+    assert [a.update(7 + i, x) for i, x in enumerate(accs)] == [b.update(7 + i, x) for i, x in enumerate(accs)]
     assert a.state_dict() == b.state_dict() and a.decaying
     with pytest.raises(ValueError, match="schedule"):
         DynamicLambda(schedule="static").load_state_dict(state)
@@ -177,18 +191,21 @@ def test_config_defaults_valid():
     assert (cfg.lambda_c, cfg.lambda_wn, cfg.lambda_we) == (5.0, 2.0, 5.0)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(lambda_c=-1.0), r"^reward\.bingo\.lambda_c: must be >= 0, got -1\.0"),
-    (dict(lambda_we=-0.5), r"^reward\.bingo\.lambda_we: must be >= 0"),
-    (dict(scorer="llmlingua"), r"^reward\.bingo\.scorer: unknown scorer 'llmlingua'.*refer"),
-    (dict(scorer="hf_token_classifier"), r"^reward\.bingo\.scorer_path: .*needs the directory"),
-    (dict(scorer_path="/x"), r"^reward\.bingo\.scorer_path: applies to scorer 'hf_token"),
-    (dict(schedule="cosine"), r"^reward\.bingo\.schedule: unknown schedule"),
-    (dict(window=1), r"^reward\.bingo\.window: must be an integer >= 2"),
-    (dict(decay=0.0), r"^reward\.bingo\.decay"),
-    (dict(threshold=1.5), r"^reward\.bingo\.threshold"),
-    (dict(lambda_we_prime=1.0), r"^reward\.bingo\.lambda_we_prime: is the static schedule's"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(lambda_c=-1.0), r"^reward\.bingo\.lambda_c: must be >= 0, got -1\.0"),
+        (dict(lambda_we=-0.5), r"^reward\.bingo\.lambda_we: must be >= 0"),
+        (dict(scorer="llmlingua"), r"^reward\.bingo\.scorer: unknown scorer 'llmlingua'.*refer"),
+        (dict(scorer="hf_token_classifier"), r"^reward\.bingo\.scorer_path: .*needs the directory"),
+        (dict(scorer_path="/x"), r"^reward\.bingo\.scorer_path: applies to scorer 'hf_token"),
+        (dict(schedule="cosine"), r"^reward\.bingo\.schedule: unknown schedule"),
+        (dict(window=1), r"^reward\.bingo\.window: must be an integer >= 2"),
+        (dict(decay=0.0), r"^reward\.bingo\.decay"),
+        (dict(threshold=1.5), r"^reward\.bingo\.threshold"),
+        (dict(lambda_we_prime=1.0), r"^reward\.bingo\.lambda_we_prime: is the static schedule's"),
+    ],
+)
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         BingoConfig(**kwargs)

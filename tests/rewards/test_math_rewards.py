@@ -36,6 +36,7 @@ def in_thread(fn, *args, **kwargs):
 
 # --- extraction ------------------------------------------------------------------------------
 
+
 def test_extraction_helpers():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
     assert last_boxed("\\boxed{3} then \\boxed{4") == "3"  # truncated box: fall back to the complete one
@@ -51,31 +52,38 @@ def test_extraction_helpers():
 
 # --- correctness -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("completion, answer", [
-    ("\\boxed{3}", "3"),
-    ("The answer is 42.", "42"),
-    ("So $x = \\frac{1}{2}$", "0.5"),
-    ("The answer is 0.5", "\\frac{1}{2}"),
-    ("half: 1/2", "\\frac{1}{2}"),
-    ("Tom has 7 + 5 = 12 apples.\n#### 12\nThe answer is: 12", "12"),
-    ("It is \\boxed{1{,}234}", "1234"),
-    ("\\boxed{\\dfrac{3}{4}}", "0.75"),
-    ("The answer is -3", "-3"),
-    ("\\boxed{5}. Then I counted 6 more things.", "5"),  # a box wins over later numbers
-])
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("\\boxed{3}", "3"),
+        ("The answer is 42.", "42"),
+        ("So $x = \\frac{1}{2}$", "0.5"),
+        ("The answer is 0.5", "\\frac{1}{2}"),
+        ("half: 1/2", "\\frac{1}{2}"),
+        ("Tom has 7 + 5 = 12 apples.\n#### 12\nThe answer is: 12", "12"),
+        ("It is \\boxed{1{,}234}", "1234"),
+        ("\\boxed{\\dfrac{3}{4}}", "0.75"),
+        ("The answer is -3", "-3"),
+        ("\\boxed{5}. Then I counted 6 more things.", "5"),  # a box wins over later numbers
+    ],
+)
 def test_math_verify_accepts_equivalent_answers(completion, answer):
     score = get_reward("math_verify")(completion, answer)
     assert (score.reward, score.correct, score.status) == (1.0, True, "ok"), score
 
 
-@pytest.mark.parametrize("completion, answer, status", [
-    ("\\boxed{4}", "3", "wrong"),
-    ("The answer is 41.", "42", "wrong"),
-    ("\\frac{1}{3}", "0.5", "wrong"),
-    ("garbage !!", "3", "no_answer"),
-    ("", "3", "no_answer"),
-    ("\\boxed{\\boxed{\\boxed{", "1", "no_answer"),
-])
+@pytest.mark.parametrize(
+    "completion, answer, status",
+    [
+        ("\\boxed{4}", "3", "wrong"),
+        ("The answer is 41.", "42", "wrong"),
+        ("\\frac{1}{3}", "0.5", "wrong"),
+        ("garbage !!", "3", "no_answer"),
+        ("", "3", "no_answer"),
+        ("\\boxed{\\boxed{\\boxed{", "1", "no_answer"),
+    ],
+)
 def test_math_verify_rejects(completion, answer, status):
     score = get_reward("math_verify")(completion, answer)
     assert (score.reward, score.correct, score.status) == (0.0, False, status), score
@@ -116,6 +124,7 @@ def test_adversarial_text_is_never_executed(name, monkeypatch):
 
 
 # --- timeout ---------------------------------------------------------------------------------
+
 
 def test_timeout_in_main_thread():
     handler = signal.getsignal(signal.SIGALRM)
@@ -170,6 +179,7 @@ def test_run_with_deadline_refuses_other_threads():
 
 
 # --- registry --------------------------------------------------------------------------------
+
 
 def test_registry_and_batch():
     assert {"math_verify", "exact_int"} <= set(available_rewards())

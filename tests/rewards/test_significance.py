@@ -29,13 +29,21 @@ def tiny_classifier(tmp_path_factory):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()  # one token per word: counts are predictable
     tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                            cls_token="[CLS]", sep_token="[SEP]").save_pretrained(path)
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    ).save_pretrained(path)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                     num_labels=2)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     BertForTokenClassification(cfg).save_pretrained(path)
     return str(path)
 
@@ -75,8 +83,8 @@ def test_hf_scorer_windows_long_texts_without_dropping_tokens(tiny_classifier):
     got = scorer.keep_probs([" ".join(words), "dog"], [[0], [0]])
     assert got[0].numel() == 10 and got[1].numel() == 1
     for lo in range(0, 10, 3):
-        alone = scorer.keep_probs([" ".join(words[lo:lo + 3])], [[0]])[0]
-        torch.testing.assert_close(got[0][lo:lo + 3], alone)
+        alone = scorer.keep_probs([" ".join(words[lo : lo + 3])], [[0]])[0]
+        torch.testing.assert_close(got[0][lo : lo + 3], alone)
 
 
 def test_hf_scorer_missing_path_names_the_key(tmp_path):
@@ -107,8 +115,7 @@ def test_reference_proxy_needs_logprobs_of_matching_length():
 
 
 def test_count_significant():
-    n_sig, n_insig = count_significant(
-        [torch.tensor([0.1, 0.6, 0.5, 0.49]), torch.zeros(0), torch.tensor([0.9])])
+    n_sig, n_insig = count_significant([torch.tensor([0.1, 0.6, 0.5, 0.49]), torch.zeros(0), torch.tensor([0.9])])
     assert n_sig.dtype == n_insig.dtype == torch.long
     assert n_sig.tolist() == [2, 0, 1] and n_insig.tolist() == [2, 0, 0]
     assert count_significant([torch.tensor([0.1, 0.6])], threshold=0.05)[1].tolist() == [0]
@@ -117,6 +124,9 @@ def test_count_significant():
 def test_build_scorer_names(tiny_classifier):
     assert isinstance(build_scorer("reference_proxy", None), ReferenceProxyScorer)
     assert isinstance(build_scorer("hf_token_classifier", tiny_classifier), HFTokenClassifierScorer)
-    with pytest.raises(ValueError, match=r"^reward\.bingo\.scorer: unknown scorer 'x'.*"
-                                         r"reference_proxy.*hf_token_classifier"):
+    with pytest.raises(
+        ValueError,
+        match=r"^reward\.bingo\.scorer: unknown scorer 'x'.*"
+        r"reference_proxy.*hf_token_classifier",
+    ):
         build_scorer("x", None)

@@ -14,8 +14,14 @@ PROMPTS = [[1, 9690, 198, 2683, 314, 216, 33, 32, 1232, 216, 39, 47], [1, 504, 3
 def result():
     from nat_megatron.model.smollm2 import ensure_smollm2
 
-    return launch("tests.rollout.workers:engine_vs_hf", 1, timeout=300, hf_dir=str(ensure_smollm2()),
-                  prompts=PROMPTS, max_new_tokens=16)[0]
+    return launch(
+        "tests.rollout.workers:engine_vs_hf",
+        1,
+        timeout=300,
+        hf_dir=str(ensure_smollm2()),
+        prompts=PROMPTS,
+        max_new_tokens=16,
+    )[0]
 
 
 @pytest.mark.dist

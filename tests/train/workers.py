@@ -14,10 +14,22 @@ def tiny_overrides(hf_dir: str, tmp: str, **kw) -> list[str]:
     """Overrides that turn the default job into a short run of the tiny model (tests/train/conftest.py)."""
     from tests.train.rewards import NAME
 
-    base = {"model.preset": "null", "model.hf_dir": hf_dir, "model.dtype": "fp32", "rollout.dtype": "fp32",
-            "train.prompts_per_step": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 16,
-            "rollout.kv_cache_gb": 0.25, "data.max_prompt_tokens": 128, "reward.name": NAME,
-            "optim.lr": 1e-3, "checkpoint.dir": f"{tmp}/ck", "checkpoint.export_hf": "false", "telemetry.tensorboard_dir": f"{tmp}/tb"}
+    base = {
+        "model.preset": "null",
+        "model.hf_dir": hf_dir,
+        "model.dtype": "fp32",
+        "rollout.dtype": "fp32",
+        "train.prompts_per_step": 2,
+        "rollout.group_size": 2,
+        "rollout.max_new_tokens": 16,
+        "rollout.kv_cache_gb": 0.25,
+        "data.max_prompt_tokens": 128,
+        "reward.name": NAME,
+        "optim.lr": 1e-3,
+        "checkpoint.dir": f"{tmp}/ck",
+        "checkpoint.export_hf": "false",
+        "telemetry.tensorboard_dir": f"{tmp}/tb",
+    }
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -32,11 +44,18 @@ def megatron_logprobs(chunks, arch, seqs: list[list[int]], temperature: float = 
     for s in seqs:
         tok = torch.tensor([s])
         mbs.append(MicroBatch(tokens=tok, targets=torch.cat([tok[:, 1:], tok[:, :1]], dim=1), count=1))
-    outs = forward_backward(chunks, mbs, lambda st, mb: (st["logprobs"].sum(), mb.count),
-                            vocab_size=arch.vocab_size, forward_only=True, temperature=temperature)
+    outs = forward_backward(
+        chunks,
+        mbs,
+        lambda st, mb: (st["logprobs"].sum(), mb.count),
+        vocab_size=arch.vocab_size,
+        forward_only=True,
+        temperature=temperature,
+    )
     # One rank contributes each value: the last stage's first TP rank of DP replica 0.
-    owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-             and ps.get_data_parallel_rank() == 0)
+    owner = (
+        ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    )
     result = []
     for i, s in enumerate(seqs):
         buf = outs[i]["stats"]["logprobs"][0].double().clone() if owner else torch.zeros(len(s), dtype=torch.float64)
@@ -56,18 +75,23 @@ def engine_logprobs(engine, seqs: list[list[int]]) -> list[torch.Tensor]:
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     with patches.vllm_inside_trainer():
         outs = engine.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
-    return [torch.tensor([step[t].logprob for t, step in zip(s[1:], o.prompt_logprobs[1:])], dtype=torch.float64)
-            for s, o in zip(seqs, outs)]
+    return [
+        torch.tensor([step[t].logprob for t, step in zip(s[1:], o.prompt_logprobs[1:])], dtype=torch.float64)
+        for s, o in zip(seqs, outs)
+    ]
 
 
 def fixed_sequences(tokenizer) -> list[list[int]]:
     """Chat-templated prompts followed by fixed 'responses': the same tokens on every run."""
     seqs = []
-    for q, a in (("What is 2 + 3?", "2 + 3 = 5, so the answer is \\boxed{5}."),
-                 ("Compute 7 * 6.", "Seven times six is 42. \\boxed{42}"),
-                 ("Name a prime number.", "A prime number: 13.")):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                               tokenize=True)
+    for q, a in (
+        ("What is 2 + 3?", "2 + 3 = 5, so the answer is \\boxed{5}."),
+        ("Compute 7 * 6.", "Seven times six is 42. \\boxed{42}"),
+        ("Name a prime number.", "A prime number: 13."),
+    ):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
         if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
             prompt = prompt["input_ids"]
         seqs.append(list(prompt) + tokenizer.encode(a, add_special_tokens=False))
@@ -105,9 +129,14 @@ def sync_memory(trainer) -> dict:
     largest = max(v * h, 2 * f * h) * 4  # fp32: the embedding or a full linear_fc1
     # The full tensor reassembled from TP shards by a copy (fc1's [gate_r; up_r], fc2's columns).
     converted = 2 * f * h * 4 if trainer.layout.tp > 1 else 0
-    return {"sync_extra_bytes": extra, "bucket_bytes": int(trainer.cfg.rollout.sync_bucket_mb * MiB),
-            "largest_param_bytes": largest, "converted_bytes": converted,
-            "model_bytes": arch.num_params() * 4, "own_trainer_bytes": own}
+    return {
+        "sync_extra_bytes": extra,
+        "bucket_bytes": int(trainer.cfg.rollout.sync_bucket_mb * MiB),
+        "largest_param_bytes": largest,
+        "converted_bytes": converted,
+        "model_bytes": arch.num_params() * 4,
+        "own_trainer_bytes": own,
+    }
 
 
 def temperature_gap(trainer, seqs: list[list[int]]) -> dict:
@@ -122,13 +151,14 @@ def temperature_gap(trainer, seqs: list[list[int]]) -> dict:
     out = {}
     for name, t in (("gap_with_temperature", trainer.cfg.rollout.temperature), ("gap_ignoring_temperature", 1.0)):
         lps = megatron_logprobs(trainer.model, trainer.arch, sampled, temperature=t)
-        mine = [lp[len(p) - 1:] for lp, p in zip(lps, [p for p, g in zip(prompts, groups) for _ in g])]
+        mine = [lp[len(p) - 1 :] for lp, p in zip(lps, [p for p, g in zip(prompts, groups) for _ in g])]
         out[name] = _mean_abs(engine, mine)
     return out
 
 
-def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: dict | None = None,
-                 extra: dict | None = None) -> dict:
+def trainer_sync(
+    *, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: dict | None = None, extra: dict | None = None
+) -> dict:
     """Train `steps` steps of the tiny model with vLLM rollouts; after every step compare each
     engine's log-probs of fixed sequences with the trainer's Megatron forward. Every rank
     returns its own figures (its engine's)."""
@@ -136,9 +166,13 @@ def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: 
     from nat_megatron.config import load_config
     from nat_megatron.train.trainer import Trainer
 
-    over = tiny_overrides(hf_dir, tmp, **{f"parallel.{k}": v for k, v in parallel.items()},
-                          **{f"rollout.{k}": v for k, v in (rollout or {}).items()},
-                          **{"train.steps": steps, "checkpoint.every": 1000, **(extra or {})})
+    over = tiny_overrides(
+        hf_dir,
+        tmp,
+        **{f"parallel.{k}": v for k, v in parallel.items()},
+        **{f"rollout.{k}": v for k, v in (rollout or {}).items()},
+        **{"train.steps": steps, "checkpoint.every": 1000, **(extra or {})},
+    )
     cfg = load_config(CONFIG, over)
     trainer = Trainer(cfg)
     try:
@@ -156,21 +190,33 @@ def trainer_sync(*, hf_dir: str, tmp: str, steps: int, parallel: dict, rollout: 
         scalars, synced = [], []
         for _ in range(steps):
             out = trainer.train_step()
-            scalars.append({k: float(v) for k, v in out.items()
-                            if k.startswith(("loss", "grad_norm", "reward/", "logprob_mismatch", "tokens/", "tis/"))})
+            scalars.append(
+                {
+                    k: float(v)
+                    for k, v in out.items()
+                    if k.startswith(("loss", "grad_norm", "reward/", "logprob_mismatch", "tokens/", "tis/"))
+                }
+            )
             mg, eng = compare()
             synced.append(_mean_abs(eng, mg))
         final_mg, final_engine = mg, eng
         temperature = temperature_gap(trainer, seqs)
         evaluation = trainer.evaluate() if trainer.cfg.eval.enabled else {}
         memory = sync_memory(trainer)
-        return {"rank": dist.get_rank(), "engine": trainer.engines.engine_of(dist.get_rank()), **memory,
-                "scalars": scalars, "tokens": sum(len(s) - 1 for s in seqs), **temperature, "eval": evaluation,
-                "init_engine_vs_megatron": _mean_abs(init_engine, init_mg),
-                "synced": synced,
-                "synced_max": float(torch.cat([x - y for x, y in zip(final_engine, final_mg)]).abs().max()),
-                "trained_vs_initial": _mean_abs(final_mg, init_mg),
-                "engine_trained_vs_initial": _mean_abs(final_engine, init_engine)}
+        return {
+            "rank": dist.get_rank(),
+            "engine": trainer.engines.engine_of(dist.get_rank()),
+            **memory,
+            "scalars": scalars,
+            "tokens": sum(len(s) - 1 for s in seqs),
+            **temperature,
+            "eval": evaluation,
+            "init_engine_vs_megatron": _mean_abs(init_engine, init_mg),
+            "synced": synced,
+            "synced_max": float(torch.cat([x - y for x, y in zip(final_engine, final_mg)]).abs().max()),
+            "trained_vs_initial": _mean_abs(final_mg, init_mg),
+            "engine_trained_vs_initial": _mean_abs(final_engine, init_engine),
+        }
     finally:
         trainer.close()
 
@@ -183,15 +229,24 @@ def trainer_data(*, hf_dir: str, tmp: str, data_path: str) -> dict:
     from nat_megatron.config import load_config
     from nat_megatron.train.trainer import Trainer
 
-    cfg = load_config(CONFIG, tiny_overrides(hf_dir, tmp, **{"parallel.world_size": 1, "parallel.pp": 1,
-                                                             "data.path": data_path, "reward.name": "math_verify"}))
+    cfg = load_config(
+        CONFIG,
+        tiny_overrides(
+            hf_dir,
+            tmp,
+            **{"parallel.world_size": 1, "parallel.pp": 1, "data.path": data_path, "reward.name": "math_verify"},
+        ),
+    )
     Trainer._build_engine = lambda self: None  # data handling only: no vLLM start-up
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         trainer = Trainer(cfg)
     try:
         batch = trainer.data.next_batch()
-        return {"stdout": out.getvalue(), "examples": len(trainer.prompt_key),
-                "batch_answers": sorted(p.answer for p in batch)}
+        return {
+            "stdout": out.getvalue(),
+            "examples": len(trainer.prompt_key),
+            "batch_answers": sorted(p.answer for p in batch),
+        }
     finally:
         trainer.close()

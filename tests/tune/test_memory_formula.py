@@ -58,13 +58,18 @@ SEQ = 8192
 
 # ----- Megatron-LM's formula (dense path), transcribed ---------------------------------------
 
+
 def megatron_weight_and_optimizer_memory(args) -> float:
     query_projection_size = args.kv_channels * args.num_attention_heads
     query_projection_to_hidden_size_ratio = query_projection_size / args.hidden_size
     gated_linear_multiplier = 3 / 2 if args.swiglu else 1
     norm_size = 1 if args.normalization == "RMSNorm" else 2
-    self_attn_term = (2 * args.hidden_size * args.hidden_size * (
-        (1 + (args.num_query_groups / args.num_attention_heads)) * query_projection_to_hidden_size_ratio))
+    self_attn_term = (
+        2
+        * args.hidden_size
+        * args.hidden_size
+        * ((1 + (args.num_query_groups / args.num_attention_heads)) * query_projection_to_hidden_size_ratio)
+    )
     per_layer = 2 * args.hidden_size * (args.ffn_hidden_size * gated_linear_multiplier + norm_size) + self_attn_term
     embedding_size = args.hidden_size * args.padded_vocab_size
     final_layernorm = norm_size * args.hidden_size
@@ -93,6 +98,7 @@ def megatron_activation_memory(args, num_microbatches) -> float:
 
 
 # ----- the like-for-like mapping (module docstring) ------------------------------------------
+
 
 def our_layer_minus_formula(arch) -> float:
     """Bytes per token, per layer, that our layer stores beyond the formula's 18h + 4f."""
@@ -129,14 +135,24 @@ def _setup(name, distributed_optimizer=True):
     plan = Plan(lay, 1, "none", distributed_optimizer)
     work = Workload(seq_len=SEQ, response_len=SEQ, global_batch=dp * m, logits_on="all")
     args = SimpleNamespace(
-        kv_channels=arch.head_dim, num_attention_heads=arch.num_heads,
-        num_query_groups=arch.num_kv_heads, hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size, num_layers=arch.num_layers, swiglu=True,
-        normalization="RMSNorm", padded_vocab_size=arch.padded_vocab_size,
+        kv_channels=arch.head_dim,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_layers=arch.num_layers,
+        swiglu=True,
+        normalization="RMSNorm",
+        padded_vocab_size=arch.padded_vocab_size,
         untie_embeddings_and_output_weights=not arch.tie_embeddings,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, data_parallel_size=dp,
-        use_distributed_optimizer=distributed_optimizer, seq_length=SEQ, micro_batch_size=1)
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        data_parallel_size=dp,
+        use_distributed_optimizer=distributed_optimizer,
+        seq_length=SEQ,
+        micro_batch_size=1,
+    )
     return arch, plan, work, args, m
 
 
@@ -146,8 +162,10 @@ def test_weight_and_optimizer_memory_matches_megatron(name, distributed_optimize
     arch, plan, work, args, _ = _setup(name, distributed_optimizer)
     ours = sum(static_bytes(arch, plan, C.H100, 0).values())
     ref = megatron_weight_and_optimizer_memory(args)
-    print(f"{name} distopt={distributed_optimizer}: tuner {ours / C.GiB:.2f} GB, "
-          f"Megatron {ref / C.GiB:.2f} GB, ratio {ours / ref:.4f}")
+    print(
+        f"{name} distopt={distributed_optimizer}: tuner {ours / C.GiB:.2f} GB, "
+        f"Megatron {ref / C.GiB:.2f} GB, ratio {ours / ref:.4f}"
+    )
     assert math.isclose(ours, ref, rel_tol=0.01)
 
 
@@ -170,7 +188,9 @@ def test_activation_memory_matches_megatron_like_for_like(name):
         factor = min(1, m / lay.pp)
     delta = SEQ * (arch.num_layers * our_layer_minus_formula(arch) - arch.hidden_size * lay.pp)
     ref = ref_raw + (delta / lay.tp + arch.num_layers * rope_per_layer(arch)) * factor
-    print(f"{name}: tuner {ours / C.GiB:.2f} GB vs mapped formula {ref / C.GiB:.2f} GB "
-          f"(ratio {ours / ref:.4f}); raw: tuner {ours_raw / C.GiB:.2f} GB vs formula "
-          f"{ref_raw / C.GiB:.2f} GB (ratio {ours_raw / ref_raw:.3f})")
+    print(
+        f"{name}: tuner {ours / C.GiB:.2f} GB vs mapped formula {ref / C.GiB:.2f} GB "
+        f"(ratio {ours / ref:.4f}); raw: tuner {ours_raw / C.GiB:.2f} GB vs formula "
+        f"{ref_raw / C.GiB:.2f} GB (ratio {ours_raw / ref_raw:.3f})"
+    )
     assert math.isclose(ours, ref, rel_tol=0.05)

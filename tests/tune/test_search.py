@@ -19,8 +19,7 @@ from nat_megatron.tune.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, str(ROOT / "tools" / "tune_layout.py")]
-KEYS = {"tp", "pp", "vpp", "cp", "dp", "mbs", "recompute", "fits", "mem_gb", "step_time_s",
-        "tokens_per_s_per_gpu"}
+KEYS = {"tp", "pp", "vpp", "cp", "dp", "mbs", "recompute", "fits", "mem_gb", "step_time_s", "tokens_per_s_per_gpu"}
 MEM_KEYS = {"weights", "grads", "optimizer", "activations", "logits", "rollout", "total"}
 
 
@@ -36,9 +35,10 @@ def cli_main():
     return module.main
 
 
-@pytest.mark.parametrize("name,billions", [("qwen3-1.7b", 1.72), ("qwen3-8b", 8.19),
-                                           ("llama3.1-8b", 8.03), ("qwen2.5-32b", 32.76),
-                                           ("llama3.1-70b", 70.55)])
+@pytest.mark.parametrize(
+    "name,billions",
+    [("qwen3-1.7b", 1.72), ("qwen3-8b", 8.19), ("llama3.1-8b", 8.03), ("qwen2.5-32b", 32.76), ("llama3.1-70b", 70.55)],
+)
 def test_presets_have_the_published_sizes(name, billions):
     assert load_arch(name).num_params() / 1e9 == pytest.approx(billions, abs=0.01)
 
@@ -76,8 +76,15 @@ def test_search_ranks_fitting_layouts_first_by_throughput():
     speed = [c.time.tokens_per_s_per_gpu for c in res.candidates if c.fits]
     assert speed == sorted(speed, reverse=True)
     for c in res.candidates:  # every candidate is a valid layout
-        validate_layout(arch, c.plan.layout, world_size=8, seq_len=8192, gpus_per_node=8,
-                        global_batch=64, micro_batch_size=c.plan.mbs)
+        validate_layout(
+            arch,
+            c.plan.layout,
+            world_size=8,
+            seq_len=8192,
+            gpus_per_node=8,
+            global_batch=64,
+            micro_batch_size=c.plan.mbs,
+        )
 
 
 def test_search_rejects_invalid_layouts_with_reasons():
@@ -96,8 +103,11 @@ def test_recompute_and_nat_lower_the_estimate():
     # RPC 0.5 with 4 sequences per micro-batch: batching.py's balanced groups are ~30% smaller
     # (not 44%: the largest group still holds the long cuts); with 1 per micro-batch, ~no saving.
     rpc = Workload(seq_len=8192, response_len=7168, global_batch=64, nat="rpc", budget=0.5)
-    act = {(w.nat, mbs): estimate_memory(arch, Plan(lay, mbs), w, C.H100).activations
-           for w in (work, rpc) for mbs in (1, 4)}
+    act = {
+        (w.nat, mbs): estimate_memory(arch, Plan(lay, mbs), w, C.H100).activations
+        for w in (work, rpc)
+        for mbs in (1, 4)
+    }
     assert act["rpc", 4] < 0.8 * act["none", 4]
     assert act["rpc", 1] > 0.95 * act["none", 1]
 
@@ -108,29 +118,25 @@ def test_colocated_rollout_takes_its_share():
     # 16.4 GB of bf16 weights exceed half of 0.35 x 80 GB at TP1: the smallest TP is 2.
     assert r["tp"] == 2 and r["kv_cache_sequences"] > 1
     assert rollout_plan(arch, mem_gb=80, seq_len=8192, tp=1)["kv_cache_gb"] < r["kv_cache_gb"]
-    cand = check_layout(arch, Layout(tp=2, dp=4, sequence_parallel=True), seq_len=8192,
-                        global_batch=64, rollout=r)
+    cand = check_layout(arch, Layout(tp=2, dp=4, sequence_parallel=True), seq_len=8192, global_batch=64, rollout=r)
     # Asleep during training: a residual; generating: its whole budget next to the trainer's state.
     assert cand.memory.rollout == pytest.approx(C.ROLLOUT_ASLEEP_GB * C.GiB)
     m = cand.memory
-    assert cand.rollout_peak == pytest.approx(m.weights + m.grads + m.optimizer + m.workspace
-                                              + 0.35 * 80 * C.GiB)
+    assert cand.rollout_peak == pytest.approx(m.weights + m.grads + m.optimizer + m.workspace + 0.35 * 80 * C.GiB)
     # A fixed KV cache sets the budget: weights + activations + KV.
     fixed = rollout_plan(arch, mem_gb=80, seq_len=8192, tp=2, kv_cache_gb=10.0)
     assert fixed["kv_cache_gb"] == 10.0
     assert fixed["bytes"] == pytest.approx((fixed["weights_gb"] + C.ROLLOUT_ACTIVATION_GB + 10.0) * C.GiB, rel=1e-3)
     # An engine budget that leaves no room for the trainer's resident state does not fit.
     greedy = rollout_plan(arch, mem_gb=80, seq_len=8192, tp=2, utilization=0.9)
-    cand = check_layout(arch, Layout(tp=2, dp=4, sequence_parallel=True), seq_len=8192,
-                        global_batch=64, rollout=greedy)
+    cand = check_layout(arch, Layout(tp=2, dp=4, sequence_parallel=True), seq_len=8192, global_batch=64, rollout=greedy)
     assert not cand.fits and "while generating" in cand.why_not
 
 
 def test_check_layout_is_the_dry_run_entry_point():
     arch = load_arch("llama3.1-70b")
     with pytest.raises(ValueError, match="does not divide the number of query groups"):
-        check_layout(arch, Layout(tp=16, dp=4, sequence_parallel=True), seq_len=8192,
-                     gpus_per_node=16)
+        check_layout(arch, Layout(tp=16, dp=4, sequence_parallel=True), seq_len=8192, gpus_per_node=16)
     # Runs: lengths pad to a multiple of 2 * cp * tp, and an uneven global batch (5 sequences
     # on dp=2) gives DP ranks uneven shares; vpp's whole groups of pp are padded.
     odd = Layout(tp=8, cp=2, pp=4, vpp=2, dp=2, sequence_parallel=True)
@@ -141,8 +147,14 @@ def test_check_layout_is_the_dry_run_entry_point():
     assert micro_batches_per_rank(Layout(pp=2, vpp=2, dp=4), 2, 1) == 2  # a rank with none
     with pytest.raises(ValueError, match="does not fit"):
         check_layout(arch, Layout(tp=1, dp=8), seq_len=8192, require_fit=True)
-    ok = check_layout(arch, Layout(tp=8, pp=8, dp=1, sequence_parallel=True), seq_len=8192,
-                      global_batch=64, require_fit=True, world_size=64)
+    ok = check_layout(
+        arch,
+        Layout(tp=8, pp=8, dp=1, sequence_parallel=True),
+        seq_len=8192,
+        global_batch=64,
+        require_fit=True,
+        world_size=64,
+    )
     assert ok.fits and ok.memory.total < 80 * C.GiB
 
 
@@ -156,8 +168,20 @@ def test_recommended_layouts_fit_in_80gb_at_8k(model, gpus):
 
 
 def test_cli_json_document():
-    out = run_cli("--model", "qwen3-8b", "--gpus", "8", "--seq-len", "8192", "--response-len",
-                  "7168", "--nat", "urs:0.5", "--colocate-rollout", "--json")
+    out = run_cli(
+        "--model",
+        "qwen3-8b",
+        "--gpus",
+        "8",
+        "--seq-len",
+        "8192",
+        "--response-len",
+        "7168",
+        "--nat",
+        "urs:0.5",
+        "--colocate-rollout",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)  # exactly one JSON document on stdout
     cands = doc["candidates"]
@@ -171,8 +195,21 @@ def test_cli_json_document():
 
 
 def test_cli_single_layout(capsys):
-    cli_main()(["--model", "llama3.1-8b", "--gpus", "8", "--seq-len", "4096", "--response-len",
-                "3072", "--layout", "tp=2,pp=2,cp=1,dp=2,vpp=2,mbs=1,rc=selective", "--json"])
+    cli_main()(
+        [
+            "--model",
+            "llama3.1-8b",
+            "--gpus",
+            "8",
+            "--seq-len",
+            "4096",
+            "--response-len",
+            "3072",
+            "--layout",
+            "tp=2,pp=2,cp=1,dp=2,vpp=2,mbs=1,rc=selective",
+            "--json",
+        ]
+    )
     (c,) = json.loads(capsys.readouterr().out)["candidates"]
     assert (c["tp"], c["pp"], c["vpp"], c["dp"], c["mbs"], c["recompute"]) == (2, 2, 2, 2, 1, "selective")
     assert c["sequence_parallel"] is True
@@ -185,12 +222,15 @@ def test_cli_bad_model_in_a_subprocess():
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("args,arg", [
-    (["--gpus", "8", "--seq-len", "8192", "--layout", "tp=2,pp=1,cp=1,dp=2"], "--layout"),
-    (["--gpus", "8", "--seq-len", "8192", "--layout", "tp=16,pp=1,cp=1,dp=1"], "--layout"),
-    (["--gpus", "8", "--seq-len", "8192", "--nat", "bingo:0.5"], "--nat"),
-    (["--gpus", "8", "--seq-len", "8192", "--nat", "rpc:2"], "--nat"),
-])
+@pytest.mark.parametrize(
+    "args,arg",
+    [
+        (["--gpus", "8", "--seq-len", "8192", "--layout", "tp=2,pp=1,cp=1,dp=2"], "--layout"),
+        (["--gpus", "8", "--seq-len", "8192", "--layout", "tp=16,pp=1,cp=1,dp=1"], "--layout"),
+        (["--gpus", "8", "--seq-len", "8192", "--nat", "bingo:0.5"], "--nat"),
+        (["--gpus", "8", "--seq-len", "8192", "--nat", "rpc:2"], "--nat"),
+    ],
+)
 def test_cli_bad_input_exits_2_naming_the_argument(args, arg, capsys):
     """(A length that 2*cp*tp does not divide, or a global batch that dp*mbs does not divide,
     is not bad input: both run, padded; see test_check_layout_is_the_dry_run_entry_point.
