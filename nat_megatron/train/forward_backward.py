@@ -113,6 +113,12 @@ class MicroBatch:
         return pos.unsqueeze(0).expand(self.tokens.shape[0], -1)
 
 
+def is_loss_owner() -> bool:
+    """This rank reports its positions' loss statistics: last pipeline stage, TP rank 0 (the
+    other TP ranks hold the same numbers; each CP rank holds its own positions)."""
+    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
 def _device(t: torch.Tensor) -> torch.Tensor:
     return t.cuda(non_blocking=True) if torch.cuda.is_available() else t
 
@@ -154,10 +160,14 @@ def forward_backward(
     """Run Megatron's schedule (no pipelining, 1F1B or interleaved) over `micro_batches`.
 
     Returns, on the last pipeline stage, one dict per micro-batch with the detached
-    "loss_sum" and "count"; an empty list elsewhere. Gradients accumulate in the DDP buffers
-    and are divided by the global count when the model is wrapped by `wrap_ddp` and the
-    schedule is run with forward_only=False. `keep_logits` adds the full-vocabulary logits
-    (gathered over TP; for checks and debugging, not for training) as "logits".
+    "loss_sum" and "count", the per-position "stats" and the loss's "metrics", and the
+    "micro_batch" they describe as this rank holds it (padded to one length under
+    interleaving, sliced to this CP rank's positions); an empty list elsewhere. Exactly one
+    rank of each (pipeline-last) TP group reports the statistics: `is_loss_owner()`.
+    Gradients accumulate in the DDP buffers and are divided by the global count when the model
+    is wrapped by `wrap_ddp` and the schedule is run with forward_only=False. `keep_logits`
+    adds the full-vocabulary logits (gathered over TP; for checks and debugging, not for
+    training) as "logits".
     `output_mask`: name of a bool [b, s] field of every micro-batch; only those positions reach
     the output layer and the loss (zeros elsewhere in "stats" and "logits").
     `temperature`: the statistics are those of softmax(logits / temperature), the distribution
@@ -197,6 +207,7 @@ def forward_backward(
             "count": count.clone(),
             "stats": {k: v.detach() for k, v in stats.items()},
             "metrics": {k: v.detach() for k, v in (metrics[0] if metrics else {}).items()},
+            "micro_batch": mb,  # the positions "stats" describe: this rank's (padded, CP-sliced)
         }
         if keep_logits:
             full = gather_from_tensor_model_parallel_region(logits.detach())[..., :vocab_size]

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from nat_megatron.nat.selection import Selection
 from nat_megatron.parallel.distributed import replica_group
 from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches
-from nat_megatron.train.forward_backward import forward_backward
+from nat_megatron.train.forward_backward import forward_backward, is_loss_owner
 
 
 def positions_selection(lengths: torch.Tensor, keep: torch.Tensor) -> Selection:
@@ -81,12 +80,9 @@ def token_stats(
         output_mask=KEPT_FIELD,
         temperature=temperature,
     )
-    owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    if owner:  # each CP rank owns its own positions
-        longest = max(mb.seq_len for mb in micro_batches)
-        for o, mb in zip(outs, micro_batches):
-            # The positions the stats describe: padded as under interleaving, this CP rank's.
-            mb = (mb.pad_to(longest) if layout.vpp else mb).for_cp_rank()
+    if is_loss_owner():  # each CP rank owns its own positions
+        for o in outs:
+            mb = o["micro_batch"]
             at = mb.fields[KEPT_FIELD]
             rows = mb.fields["sample"][at] - 1
             cols = mb.fields["response_pos"][at] - 1

@@ -50,7 +50,7 @@ from nat_megatron.rollout.layout import EngineLayout, choose_groups, request_see
 from nat_megatron.rollout.weight_sync import hf_weight_stream, sync_weights
 from nat_megatron.telemetry import Telemetry
 from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches, nat_loss_fn
-from nat_megatron.train.forward_backward import forward_backward
+from nat_megatron.train.forward_backward import forward_backward, is_loss_owner
 from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from nat_megatron.train.preemption import Preemption
 from nat_megatron.train.token_stats import token_stats
@@ -135,6 +135,7 @@ class Trainer:
             held_out = dataclasses.replace(cfg.data, path=cfg.eval.path, split="test", limit=cfg.eval.limit)
             self.eval_prompts = load_dataset(held_out, self.tokenizer).examples
         self.step, self.skipped_in_a_row = 0, 0
+        self.eval_start = None  # per-problem pass@1 before the first step (the gain's reference)
         bingo = cfg.reward.bingo
         self.bingo_lambda = DynamicLambda.from_config(bingo) if bingo.enabled else None
         self._resume()
@@ -295,7 +296,17 @@ class Trainer:
         return [(float(r), bool(c), st) for r, c, st in zip(scores.rewards, scores.correct, scores.statuses)]
 
     def train_step(self) -> dict:
-        cfg, tel = self.cfg, self.telemetry
+        """One RL step: rollouts of this step's prompts, the policy update on them, the weight sync."""
+        batch, metrics = self.rollout_step()
+        selection, updates = self.learn(batch, metrics)
+        with self.telemetry.phase("sync"):
+            sync = self.sync()
+        self.step += 1
+        return self.step_metrics(batch, selection, updates, sync, metrics)
+
+    def rollout_step(self) -> tuple[RolloutBatch, dict]:
+        """Generate and score the step's groups, then gather on this replica the groups it trains."""
+        tel = self.telemetry
         prompts = self.data.next_batch()
         with tel.phase("rollout"):  # generation and scoring (each sample once, spread over ranks)
             mine, every, scores, keep, metrics = self.rollout(prompts)
@@ -311,9 +322,15 @@ class Trainer:
                 replica_of=self.replica_of,
                 group=cpu_group(),
             )
-        if cfg.reward.bingo.enabled:
+        if self.cfg.reward.bingo.enabled:
             with tel.phase("reward"):
                 batch.rewards = batch.rewards + self.bingo_bonus(batch, metrics)
+        return batch, metrics
+
+    def learn(self, batch: RolloutBatch, metrics: dict) -> tuple[Selection, list[dict]]:
+        """The policy update on this replica's groups: NAT selection, advantages, the loss's other
+        inputs, then train.epochs passes over train.mini_batches optimizer steps."""
+        cfg, tel = self.cfg, self.telemetry
         samples = _samples(batch)
         selection = self.select(batch)
         with tel.phase("advantage"):
@@ -327,9 +344,13 @@ class Trainer:
                 for part in torch.arange(len(samples)).tensor_split(cfg.train.mini_batches)
             ]
             self.scheduler.step(increment=1)  # the LR schedule counts RL steps
-        with tel.phase("sync"):
-            sync = self.sync()
-        self.step += 1
+        return selection, updates
+
+    def step_metrics(
+        self, batch: RolloutBatch, selection: Selection, updates: list[dict], sync: dict, metrics: dict
+    ) -> dict:
+        """The step's scalars, the same on every rank (sums over replicas where needed)."""
+        cfg = self.cfg
         n_tokens = int(batch.step_lengths.sum())
         n_rewards, r_sum, r_sq, w_sum, w_kept = self._over_replicas(
             len(batch.rewards),
@@ -440,7 +461,7 @@ class Trainer:
             entropy=cfg.loss.entropy_coef > 0,
             temperature=cfg.rollout.temperature,
         )
-        out = self._reduce_last_stage(outs, micro_batches)
+        out = self._reduce_last_stage(outs)
         grad_norm = float("nan")
         finite = math.isfinite(out["loss"])
         if finite:
@@ -620,7 +641,7 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
         return float(t)
 
-    def _reduce_last_stage(self, outs, micro_batches) -> dict:
+    def _reduce_last_stage(self, outs) -> dict:
         """The update's numbers on all ranks: "loss" (sum / global normaliser), "mismatch" (mean
         and max |rollout - trainer| log-prob over kept tokens; the engine holds the trainer's
         weights at the first update), "tokens" (kept, fed forward) and the loss's own
@@ -633,14 +654,11 @@ class Trainer:
         # loss_sum, count, |diff| sum, kept, forward, weight_sum, then weighted metric sums
         s = torch.zeros(6 + len(means), dtype=torch.float64)
         peak = torch.zeros(2, dtype=torch.float64)  # max |diff|, max ratio
-        on_owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        if on_owner:
-            longest = max(mb.seq_len for mb in micro_batches)
-            for o, mb in zip(outs, micro_batches):
+        if is_loss_owner():
+            for o in outs:
                 s[0] += float(o["loss_sum"])
                 s[1] += float(o["count"])
-                # The positions the stats describe: padded as under interleaving, this CP rank's.
-                mb = (mb.pad_to(longest) if self.layout.vpp else mb).for_cp_rank()
+                mb = o["micro_batch"]  # this rank's positions of the micro-batch
                 kept = mb.fields[KEPT_FIELD]
                 diff = (o["stats"]["logprobs"].cpu() - mb.fields["old_logprobs"]).abs()[kept]
                 s[2] += float(diff.sum())
@@ -688,6 +706,7 @@ class Trainer:
             "data": self.data.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "skipped_in_a_row": self.skipped_in_a_row,
+            "eval_start": self.eval_start,
             "bingo_lambda": self.bingo_lambda.state_dict() if self.bingo_lambda else None,
         }
         meta = {"step": self.step, "config": self.cfg.to_dict(), "data_fingerprint": self.data_fingerprint}
@@ -717,6 +736,7 @@ class Trainer:
         self.step, self.skipped_in_a_row = extra["step"], extra.get("skipped_in_a_row", 0)
         self.data.load_state_dict(extra["data"], allow_changed=self.cfg.data.allow_changed)
         self.scheduler.load_state_dict(extra["scheduler"])
+        self.eval_start = extra.get("eval_start")
         if self.bingo_lambda is not None and extra.get("bingo_lambda"):
             self.bingo_lambda.load_state_dict(extra["bingo_lambda"])
         if self.rank == 0:
@@ -756,6 +776,14 @@ class Trainer:
         for kk in sorted({1, k}):
             mean, se = mean_and_se([pass_at_k(k, c, kk) for c in correct])
             out[f"eval/pass@{kk}"], out[f"eval/pass@{kk}_se"] = mean, se
+        # The gain over the evaluation before the first step, paired by problem (the same
+        # problems both times), whose standard error is what says whether the model learned.
+        pass1 = [pass_at_k(k, c, 1) for c in correct]
+        if self.step == 0:
+            self.eval_start = pass1
+        elif self.eval_start is not None and len(self.eval_start) == len(pass1):
+            gain, se = mean_and_se([a - b for a, b in zip(pass1, self.eval_start)])
+            out["eval/pass@1_gain"], out["eval/pass@1_gain_se"] = gain, se
         return out
 
     def log_eval(self, scalars: dict) -> None:
@@ -767,6 +795,9 @@ class Trainer:
             + (f", pass@{k} {scalars[f'eval/pass@{k}']:.4f} +- {scalars[f'eval/pass@{k}_se']:.4f}" if k > 1 else "")
             + f" ({int(scalars['eval/prompts'])} prompts, {how}, {scalars['eval/seconds']:.0f}s)"
         )
+        if "eval/pass@1_gain" in scalars:
+            gain, se = scalars["eval/pass@1_gain"], scalars["eval/pass@1_gain_se"]
+            line += f"; pass@1 gain since step 0 {gain:+.4f} +- {se:.4f} (paired, {gain / max(se, 1e-12):.1f} SE)"
         self.telemetry.log_scalars(self.step, scalars, line)
 
     # ------------------------------------------------------------------ loop
