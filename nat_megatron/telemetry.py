@@ -104,7 +104,7 @@ class Telemetry:
 
     def __init__(
         self,
-        cfg=None,
+        cfg,
         *,
         total_steps: int,
         start_step: int = 0,
@@ -112,10 +112,9 @@ class Telemetry:
         stream=None,
         progress_keys: tuple[str, ...] | None = None,
     ):
-        """progress_keys: the scalars the progress line shows (None: all); TensorBoard gets all."""
-        from nat_megatron.config import TelemetryConfig
-
-        self.cfg = cfg if cfg is not None else TelemetryConfig()
+        """cfg: the run's telemetry section (config.py TelemetryConfig). progress_keys: the
+        scalars the progress line shows (None: all); TensorBoard gets all."""
+        self.cfg = cfg
         self.total_steps = total_steps
         self.rank = _rank() if rank is None else rank
         self.stream = stream if stream is not None else sys.stdout
