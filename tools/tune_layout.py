@@ -21,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nat_megatron.config import ROLLOUT_GPU_MEMORY_UTILIZATION  # noqa: E402
+from nat_megatron.model.presets import PRESETS  # noqa: E402
+from nat_megatron.model.recompute import RECOMPUTE  # noqa: E402
 from nat_megatron.tune import constants as C  # noqa: E402
-from nat_megatron.tune.presets import PRESETS  # noqa: E402
 
 CPU_VALIDATE_MAX_PARAMS = 50e6
 
@@ -40,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step")
     p.add_argument("--layout", help="evaluate only tp=T,pp=P,cp=C,dp=D[,vpp=V][,mbs=M][,rc=none|selective|full]")
     p.add_argument("--colocate-rollout", action="store_true", help="vLLM resident on the same GPUs")
-    p.add_argument("--rollout-mem-util", type=float, default=C.ROLLOUT_GPU_MEMORY_UTILIZATION)
+    p.add_argument("--rollout-mem-util", type=float, default=ROLLOUT_GPU_MEMORY_UTILIZATION)
     p.add_argument("--rollout-tp", type=int, default=None)
     p.add_argument("--logits-on", choices=("selected", "all"), default="selected")
     p.add_argument("--nat-peak", choices=("expected", "full"), default="expected")
@@ -76,8 +78,8 @@ def parse_layout(parser, text: str, gpus: int):
         parser.error(f"--layout {text!r}: {e}")
     if mbs is not None and mbs < 1:
         parser.error(f"--layout: mbs must be >= 1, got {mbs}")
-    if rc is not None and rc not in C.RECOMPUTE:
-        parser.error(f"--layout: recompute {rc!r} is unknown; use one of {tuple(C.RECOMPUTE)}")
+    if rc is not None and rc not in RECOMPUTE:
+        parser.error(f"--layout: recompute {rc!r} is unknown; use one of {tuple(RECOMPUTE)}")
     if lay.world_size != gpus:
         parser.error(
             f"--layout: tp*pp*cp*dp = {lay.tp}*{lay.pp}*{lay.cp}*{lay.dp} = "
@@ -89,10 +91,10 @@ def parse_layout(parser, text: str, gpus: int):
 def main(argv=None) -> int:
     """Run the tuner; bad input exits with code 2 through parser.error."""
     parser, a = parse_args(argv)
+    from nat_megatron.model.presets import load_arch
     from nat_megatron.parallel.layout import validate_layout
     from nat_megatron.tune import report
     from nat_megatron.tune.memory import rollout_plan
-    from nat_megatron.tune.presets import load_arch
     from nat_megatron.tune.search import MICRO_BATCH_SIZES, search
     from nat_megatron.tune.workload import Workload
 
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
             dev,
             layouts=[lay],
             mbs_options=[mbs] if mbs else MICRO_BATCH_SIZES,
-            recompute_options=[rc] if rc else tuple(C.RECOMPUTE),
+            recompute_options=[rc] if rc else tuple(RECOMPUTE),
             **kwargs,
         )
     else:

@@ -176,7 +176,7 @@ class Trainer:
     def _build_model(self, wrap: bool = True) -> list:
         """The policy (wrapped for the distributed optimizer), or with wrap=False a frozen copy
         of the initial weights: the reference policy."""
-        from nat_megatron.tune.constants import RECOMPUTE  # the one recompute -> Megatron mapping
+        from nat_megatron.model.recompute import RECOMPUTE  # the one recompute -> Megatron mapping
 
         chunks = build_model(
             self.arch,
