@@ -1,10 +1,10 @@
-#!/usr/bin/env python
 """Rank parallel layouts (TP, PP, VPP, CP, DP, micro-batch, recompute) for a model and GPU count.
 
-    python tools/tune_layout.py --model qwen3-8b --gpus 8 --seq-len 8192 --response-len 7168 \\
+    nat-megatron tune --model qwen3-8b --gpus 8 --seq-len 8192 --response-len 7168 \\
         --nat rpc:0.5 [--colocate-rollout] [--json] [--layout tp=2,pp=1,cp=1,dp=4,mbs=1]
 
---model is a preset (qwen3-1.7b, qwen3-8b, llama3.1-8b, qwen2.5-32b, llama3.1-70b, tiny) or
+(`python tools/tune_layout.py ...` in a checkout.) --model is a preset (model/presets.py:
+qwen3-1.7b, qwen3-8b, llama3.1-8b, qwen2.5-32b, llama3.1-70b, smollm2-135m-instruct, tiny) or
 a Hugging Face config.json. Estimates come from nat_megatron/tune (memory.py, step_time.py;
 every assumed constant in constants.py). --json prints one JSON document: {"assumptions",
 "candidates" (best first: fitting ones by tokens/s/GPU), "rejected"}. --validate runs the top
@@ -17,21 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nat_megatron.config import ROLLOUT_GPU_MEMORY_UTILIZATION  # noqa: E402
-from nat_megatron.model.presets import PRESETS  # noqa: E402
-from nat_megatron.model.recompute import RECOMPUTE  # noqa: E402
-from nat_megatron.tune import constants as C  # noqa: E402
+from nat_megatron.config import ROLLOUT_GPU_MEMORY_UTILIZATION
+from nat_megatron.model.presets import PRESETS
+from nat_megatron.model.recompute import RECOMPUTE
+from nat_megatron.tune import constants as C
 
 CPU_VALIDATE_MAX_PARAMS = 50e6
 
 
-def parse_args(argv):
+def parse_args(argv, prog: str | None = None):
     """(parser, parsed arguments)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"preset {sorted(PRESETS)} or a config.json path")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-mem-gb", type=float, default=80.0)
@@ -88,9 +85,9 @@ def parse_layout(parser, text: str, gpus: int):
     return lay, mbs, rc
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     """Run the tuner; bad input exits with code 2 through parser.error."""
-    parser, a = parse_args(argv)
+    parser, a = parse_args(argv, prog)
     from nat_megatron.model.presets import load_arch
     from nat_megatron.parallel.layout import validate_layout
     from nat_megatron.tune import report
