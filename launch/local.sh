@@ -2,7 +2,7 @@
 # Single-node launcher: run a Python module (or script) as N local ranks under torchrun.
 #
 #   launch/local.sh -m nat_megatron.train --config examples/configs/qwen3-8b.yaml [key=value ...]
-#   NPROC_PER_NODE=2 launch/local.sh -m nat_megatron.smoke --steps 2
+#   NPROC_PER_NODE=2 launch/local.sh -m nat_megatron.train --config examples/configs/smollm2-135m-cpu.yaml train.steps=2
 #
 # The arguments are what would follow `python`; the launcher adds nothing to them. It runs in the
 # repository root, so relative paths (configs, --out) are relative to it.

@@ -1,4 +1,6 @@
-"""Command line of the trainer: `python -m nat_megatron.train --config FILE [--dry-run] key=value ...`.
+"""Command line of the trainer: `nat-megatron train --config FILE [--dry-run] key=value ...` (or
+`python -m nat_megatron.train ...`), and the `nat-megatron` console script (`console`), whose
+other commands are `convert` (convert_cli.py) and `tune` (tune/cli.py).
 
 The dry run checks a config and its parallel layout on CPU without weights or compute: the
 model's shape (preset, model.hf_config or hf_dir/config.json), the layout rules of
@@ -34,11 +36,9 @@ _LAYOUT_KEYS = (
 )
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], prog: str = "python -m nat_megatron.train") -> argparse.Namespace:
     """--config FILE, --dry-run, and key.sub=value overrides."""
-    p = argparse.ArgumentParser(
-        prog="python -m nat_megatron.train", description="GRPO/NAT RL training with Megatron-Core"
-    )
+    p = argparse.ArgumentParser(prog=prog, description="GRPO/NAT RL training with Megatron-Core")
     p.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     p.add_argument("--dry-run", action="store_true", help="validate config and layout on CPU, print them, and exit")
     p.add_argument(
@@ -320,12 +320,12 @@ def launch(cfg, argv: list[str]) -> int | None:
     return relaunch(n, ["-m", "nat_megatron.train", *argv])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+def main(argv: list[str] | None = None, prog: str = "python -m nat_megatron.train") -> int:
+    """The train command; returns the process exit code."""
     from nat_megatron.config import load_config
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
@@ -344,3 +344,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid config: {e}", file=sys.stderr)
         return EXIT_INVALID
     return code if code is not None else (run(cfg) or 0)
+
+
+COMMANDS = {
+    "train": "train a config (python -m nat_megatron.train), or check it with --dry-run",
+    "convert": "convert checkpoints between Hugging Face and Megatron-Core, and verify them",
+    "tune": "rank parallel layouts for a model and GPU count (memory and step-time estimates)",
+}
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The `nat-megatron` console script (and `python -m nat_megatron`): COMMAND [options]."""
+    p = argparse.ArgumentParser(
+        prog="nat-megatron",
+        description="GRPO/NAT RL training with Megatron-Core.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "".join(f"  {name:<9} {what}\n" for name, what in COMMANDS.items())
+        + "\n`nat-megatron COMMAND --help` shows a command's options.",
+    )
+    p.add_argument("command", choices=tuple(COMMANDS), metavar="COMMAND")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
+    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    prog = f"nat-megatron {args.command}"
+    if args.command == "convert":
+        from nat_megatron.convert_cli import main as convert
+
+        return convert(args.args, prog)
+    if args.command == "tune":
+        from nat_megatron.tune.cli import main as tune
+
+        return tune(args.args, prog)
+    return main(args.args, prog)

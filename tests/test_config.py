@@ -87,6 +87,10 @@ def test_overrides():
         ("checkpoint.allow_config_change=true", None),
         ("data.allow_changed=2", "data.allow_changed: expected true or false"),
         ("data.allow_changed=true", None),
+        ("telemetry.wandb.enabled=true", None),
+        ("telemetry.wandb.mode=cloud", "telemetry.wandb.mode: use one of ('offline', 'online')"),
+        ("telemetry.wandb.project=' '", "telemetry.wandb.project: must be a non-empty name"),
+        ("telemetry.wandb.enabled=yes please", "telemetry.wandb.enabled: expected true or false"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -199,3 +203,13 @@ def test_token_budget_micro_batches_key():
         load_config(CPU, ["parallel.max_tokens_per_micro_batch=100"])
     with pytest.raises(ValueError, match="parallel.max_tokens_per_micro_batch: must be >= 1"):
         load_config(CPU, ["parallel.max_tokens_per_micro_batch=0"])
+
+
+def test_wandb_dir():
+    """W&B's run goes next to the TensorBoard directory unless telemetry.wandb.dir says where."""
+    cfg = load_config(CPU, ["telemetry.wandb.enabled=true"]).telemetry
+    assert cfg.wandb.mode == "offline" and cfg.wandb.project == "nat_megatron"
+    assert cfg.wandb_dir() == Path(cfg.tensorboard_dir).parent / "wandb"
+    assert load_config(CPU, ["telemetry.wandb.dir=elsewhere"]).telemetry.wandb_dir() == Path("elsewhere")
+    with pytest.raises(ValueError, match=r"^telemetry.wandb.dir: its default is next to telemetry.tensorboard_dir"):
+        load_config(CPU, ["telemetry.wandb.enabled=true", "telemetry.tensorboard_dir=null"])

@@ -1,7 +1,8 @@
 """Every third-party private API we rely on still exists with the shape we use (nat_megatron/
-patches.py, and the two places that subclass or swap Megatron internals: model/output.py and
-checkpoint/dist_ckpt.py). An upgrade of torch, megatron-core or vLLM that moves one fails here,
-by name, instead of deep inside a training step."""
+patches.py, which changes them, and the places that use them unchanged: model/output.py
+subclasses GPTModel and swaps TransformerBlock attributes, tune/measure.py counts storages with
+torch's dispatch internals). An upgrade of torch, megatron-core, vLLM or math-verify that moves
+one fails here, by name, instead of deep inside a training step."""
 
 import inspect
 
@@ -20,6 +21,12 @@ def test_torch_private_apis():
         assert callable(getattr(torch._C, name)), name
     assert hasattr(c10d, "_world") and hasattr(c10d._world, "default_pg")
     assert callable(torch.cuda.get_rng_state_all) and callable(torch.cuda.set_rng_state_all)
+    # tune/measure.py (and tools/bench_nat.py): live storage bytes under a TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten, tree_leaves
+
+    assert callable(TorchDispatchMode.__torch_dispatch__) and callable(tree_flatten) and callable(tree_leaves)
+    assert isinstance(torch.zeros(1).untyped_storage()._cdata, int)
 
 
 def test_megatron_private_apis():
@@ -31,10 +38,15 @@ def test_megatron_private_apis():
     # patches.py replaces both with CPU versions that accept any arguments
     assert params(mrandom._get_cuda_rng_state)[:1] == ["device"]
     assert params(mrandom._set_cuda_rng_state)[:2] == ["new_state", "device"]
-    assert hasattr(filesystem_async, "_results_queue")  # checkpoint/dist_ckpt.py sets it
+    # patches.writer_results_die_with_rank sets the queue that the writer takes when it is set
+    assert hasattr(filesystem_async, "_results_queue")
+    assert "_results_queue is None" in inspect.getsource(filesystem_async._get_write_results_queue)
     assert params(GPTModel._postprocess)[:2] == ["self", "hidden_states"]  # model/output.py
-    # model/output.py swaps decoder.final_layernorm out for a call; forward must read it from self
-    assert "self.final_layernorm" in inspect.getsource(TransformerBlock)
+    # model/output.py swaps decoder.final_layernorm out and drops the last layer for a call;
+    # forward must read them (and the layer count) from self
+    source = inspect.getsource(TransformerBlock)
+    for attribute in ("self.final_layernorm", "self.layers", "self.num_layers_per_pipeline_rank"):
+        assert attribute in source, attribute
 
 
 def test_vllm_private_apis():
@@ -59,3 +71,12 @@ def test_vllm_private_apis():
     from vllm.config.model import LogprobsMode  # the engine asks for processed_logprobs
 
     assert "processed_logprobs" in str(LogprobsMode)
+
+
+def test_math_verify_flags():
+    """rewards/verifiers.py sets them to silence a warning about the timeouts it runs itself."""
+    import math_verify.grader
+    import math_verify.parser
+
+    for module in (math_verify.parser, math_verify.grader):
+        assert isinstance(module.TIMEOUT_WARNING_SHOWN, bool), module.__name__

@@ -1,11 +1,14 @@
 """Telemetry: phase times and memory land in TensorBoard event files, rank 0 prints progress."""
 
 import io
+import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from nat_megatron.config import TelemetryConfig
+from nat_megatron.config import TelemetryConfig, WandbConfig
 from nat_megatron.telemetry import GpuMonitor, Telemetry, format_duration
 
 
@@ -59,3 +62,61 @@ def test_helpers():
     assert GpuMonitor().read() == {}  # CPU machine
     assert format_duration(4.25) == "4.2s" and format_duration(95) == "1m35s"
     assert format_duration(7384) == "2h03m"
+
+
+def wandb_history(run_file: Path) -> dict[int, dict[str, float]]:
+    """step -> scalars, read back from a W&B offline run file: a 7-byte header (":W&B", magic,
+    version), then a LevelDB-style log (32 KiB blocks; records of a 7-byte header - crc32,
+    uint16 length, type 1 full / 2 first / 3 middle / 4 last - and their bytes) of wandb's
+    protobuf `Record`s; the history records hold what run.log() wrote."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    history, pos, block, record = {}, 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the rest of a block is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        record += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or its last piece
+            parsed = pb.Record()
+            parsed.ParseFromString(record)
+            record = b""
+            if parsed.WhichOneof("record_type") == "history":
+                items = parsed.history.item
+                row = {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
+                history[row.pop("_step")] = {k: v for k, v in row.items() if not k.startswith("_")}
+    return history
+
+
+def test_wandb_offline_run_has_every_tensorboard_scalar(tmp_path):
+    pytest.importorskip("wandb", reason="wandb is not installed (requirements.txt)")
+    out = io.StringIO()
+    cfg = TelemetryConfig(tensorboard_dir=str(tmp_path / "tb"), nvml=False, wandb=WandbConfig(enabled=True))
+    with Telemetry(cfg, total_steps=2, rank=0, stream=out) as tel:
+        tel.log_step(1, {"loss": 0.5, "diverged": float("nan")})
+        tel.log_step(2, {"loss": 0.25, "reward/mean": 0.125})
+        tel.log_scalars(2, {"eval/pass@1": 0.75}, "eval after step 2")
+    runs = list((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))  # the default dir
+    assert len(runs) == 1, list((tmp_path / "wandb").rglob("*"))
+    assert f"telemetry: W&B run (offline) in {runs[0].parent}" in out.getvalue()
+    history, tensorboard = wandb_history(runs[0]), _scalars(tmp_path / "tb")
+    assert sorted(history) == [1, 2] and "diverged" not in history[1]  # not finite: neither logger
+    assert {tag for row in history.values() for tag in row} == set(tensorboard)
+    for tag, points in tensorboard.items():
+        for step, value in points:  # TensorBoard keeps float32
+            assert history[step][tag] == pytest.approx(value, rel=1e-6), (tag, step)
+    assert history[2]["eval/pass@1"] == 0.75 and history[2]["loss"] == 0.25
+
+
+def test_wandb_only_on_rank_0_and_a_missing_package_names_the_key(tmp_path, monkeypatch):
+    cfg = TelemetryConfig(tensorboard_dir=None, nvml=False, wandb=WandbConfig(enabled=True, dir=str(tmp_path)))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with Telemetry(cfg, total_steps=1, rank=1, stream=io.StringIO()) as tel:
+        tel.log_step(1, {"loss": 1.0})
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ImportError, match="telemetry.wandb.enabled=true needs the wandb package"):
+        Telemetry(cfg, total_steps=1, rank=0, stream=io.StringIO())

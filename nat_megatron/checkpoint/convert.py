@@ -1,12 +1,13 @@
-"""HF <-> Megatron conversion and verification, built on hf_mapping (one mapping for all).
+"""HF <-> Megatron conversion, built on hf_mapping (one mapping for all).
 
 - hf_to_mcore: every rank of the target layout reads only the HF tensors it needs, one at a
   time (safetensors memory-maps them), shards them and writes a torch_dist checkpoint; memory
   per rank is one model shard.
 - mcore_to_hf: one process loads the (layout-independent) checkpoint into an unsharded model
   and streams it out tensor by tensor into size-limited safetensors shards: one model copy.
-- verify: runs both models on one random token batch and reports the largest logit gap.
-The HF config and tokenizer files travel inside the Megatron checkpoint (in `hf/`).
+The HF config and tokenizer files travel inside the Megatron checkpoint (in `hf/`). The check
+of a conversion (both models' logits on one batch) runs the trainer's forward, so it lives
+above the trainer: nat_megatron/convert_cli.py `verify`.
 """
 
 from __future__ import annotations
@@ -70,51 +71,3 @@ def mcore_to_hf(mcore_dir: str, out: str) -> None:
     shutil.copy2(meta / "config.json", Path(out) / "config.json")
     copy_tokenizer_files(meta, out)
     shutdown()
-
-
-def full_logits(chunks: list, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Full-vocabulary logits [b, s, V] of one token batch on global rank 0 (None elsewhere).
-
-    Collective over the whole world; for checks, not training (it gathers the vocabulary).
-    """
-    from megatron.core import parallel_state
-
-    from nat_megatron.train.forward_backward import MicroBatch, forward_backward
-
-    for c in chunks:
-        c.eval()
-    mb = MicroBatch(tokens=tokens, targets=tokens, count=0)
-    zero = lambda stats, _mb: (stats["logprobs"].sum() * 0, 0)  # noqa: E731
-    outs = forward_backward(chunks, [mb], zero, vocab_size=vocab_size, forward_only=True, keep_logits=True)
-    full = torch.zeros(*tokens.shape, vocab_size)
-    if outs and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-        idx = mb.for_cp_rank().position_ids()[0]
-        full[:, idx] = outs[0]["logits"].float().cpu()[:, : len(idx)]
-    dist.all_reduce(full)  # exactly one rank per position contributes
-    return full if dist.get_rank() == 0 else None
-
-
-def verify(
-    hf_dir: str, mcore_dir: str, layout: Layout, *, batch: int = 2, seq_len: int = 64, seed: int = 0
-) -> dict | None:
-    """Collective: max |logit difference| between the HF model and the Megatron checkpoint."""
-    meta = Path(mcore_dir) / HF_SUBDIR
-    arch = ModelArch.from_hf_dir(meta if meta.is_dir() else hf_dir)
-    if ModelArch.from_hf_dir(hf_dir) != arch:
-        raise ValueError(f"--hf {hf_dir} and --mcore {mcore_dir} describe different models")
-    seq_len = -(-seq_len // layout.seq_multiple) * layout.seq_multiple
-    tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    init_distributed(layout)
-    chunks = build_model(arch, layout, dtype=torch.float32)
-    load_checkpoint(mcore_dir, chunks)
-    got = full_logits(chunks, tokens, arch.vocab_size)
-    result = None
-    if dist.get_rank() == 0:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        with torch.no_grad():
-            ref = hf(tokens).logits.float()
-        result = {"max_abs_logit_diff": (got - ref).abs().max().item(), "tp": layout.tp, "pp": layout.pp}
-    shutdown()
-    return result

@@ -24,6 +24,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 
+from nat_megatron import patches
 from nat_megatron.checkpoint.gather import unwrap
 from nat_megatron.checkpoint.integrity import (
     COMPLETE_MARK,
@@ -87,31 +88,15 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _writer_results_dies_with_rank() -> None:
-    """Megatron's torch_dist writer keeps its results in a multiprocessing Manager, a spawned
-    server process per rank that would outlive a killed rank (kill -9, a hard job stop) as an
-    orphan. Start that Manager ourselves, with the rule the ranks follow: die with the parent,
-    and leave the stop signals to the rank (_writer_manager_init)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        import multiprocessing as mp
-        from multiprocessing.managers import SyncManager
-
-        manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=_writer_manager_init)
-        filesystem_async._results_queue = manager.Queue()
-        filesystem_async._results_manager = manager  # keep it alive with the module
-
-
 class CheckpointError(ValueError):
     """A checkpoint that must not be loaded: its files do not match its manifest."""
 
 
 def _writer_manager_init() -> None:
-    """Start of the writer's Manager process: die with the rank; ignore SIGTERM/SIGUSR1/SIGINT.
-    A job's stop signal reaches every process of the job, and the rank saves a checkpoint
-    after it (train/preemption.py), which needs this process alive."""
+    """Start of the checkpoint writer's Manager process (patches.writer_results_die_with_rank):
+    die with the rank; ignore SIGTERM/SIGUSR1/SIGINT. A job's stop signal reaches every process
+    of the job, and the rank saves a checkpoint after it (train/preemption.py), which needs this
+    process alive."""
     import signal
 
     from nat_megatron.parallel.distributed import die_with_parent
@@ -126,7 +111,7 @@ def save_checkpoint(
 ) -> Path:
     """Save model (+ optimizer, RNG, `extra` trainer state) atomically as `path`, with `meta`
     (JSON) as run.json and a manifest of every file."""
-    _writer_results_dies_with_rank()
+    patches.writer_results_die_with_rank(_writer_manager_init)
     final = Path(path)
     partial = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:

@@ -135,14 +135,14 @@ def read_examples(
     return PromptDataset(examples, source=str(path), layout=chosen.name, skipped=skipped, problems=problems)
 
 
-def load_dataset(config: DatasetConfig, tokenizer: Any | None = None, *, reward: str | None = None) -> PromptDataset:
+def load_dataset(
+    config: DatasetConfig,
+    tokenizer: Any | None = None,
+    *,
+    answer_check: Callable[[str], str | None] | None = None,
+) -> PromptDataset:
     """The dataset `config` describes; with a tokenizer, chat-templated and length-filtered.
-    With `reward` (a reward name), reference answers that reward cannot use are skipped."""
-    answer_check = None
-    if reward is not None:
-        from nat_megatron.rewards import answer_check_of
-
-        answer_check = answer_check_of(reward)
+    answer_check: as read_examples (the reward's, rewards/registry.py answer_check_of)."""
     if config.path is None:
         examples = arithmetic_examples(config.split, size=config.size, seed=config.seed)
         dataset = PromptDataset(

@@ -58,8 +58,3 @@ def vocab_parallel_token_stats(
     if sum_p2:
         out["sum_p2"] = _tp_sum((2 * shifted).exp().sum(dim=-1)) / sum_exp.square()
     return out
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log p(target) per position from vocab-parallel logits (see vocab_parallel_token_stats)."""
-    return vocab_parallel_token_stats(logits, targets, vocab_size)["logprobs"]

@@ -43,7 +43,8 @@ def relaunch(nprocs: int, args: list[str]) -> int:
 
     Each rank gets cores/nprocs threads (torchrun alone would give every rank one thread):
     the trainer and the rank's rollout engine (which reads OMP_NUM_THREADS) both use them.
-    An OMP_NUM_THREADS set by the user wins.
+    An OMP_NUM_THREADS set by the user wins. The ranks find this package whatever the working
+    directory (`args` may be `-m nat_megatron...`), as launch_function's do.
     """
     cmd = [
         sys.executable,
@@ -54,7 +55,7 @@ def relaunch(nprocs: int, args: list[str]) -> int:
         f"--master-port={free_port()}",
         *args,
     ]
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nprocs)))
     return subprocess.call(cmd, env=env)
 

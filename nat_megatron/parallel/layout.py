@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from nat_megatron.model.arch import ModelArch
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,17 @@ def token_multiple(layout: Layout, *, fp8: str | None = None, selected: bool = F
     return math.lcm(base, split * FP8_ALIGN[fp8])
 
 
+class ModelShape(Protocol):
+    """What the layout rules read of a model (model/arch.py's ModelArch has it)."""
+
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    num_layers: int
+
+
 def validate_layout(
-    arch: ModelArch,
+    arch: ModelShape,
     layout: Layout,
     *,
     world_size: int | None = None,

@@ -4,9 +4,9 @@ from nat_megatron.rewards import get_reward, score_batch
 scores = score_batch("math_verify", completions, answers)  # .rewards, .correct, .counts
 """
 
+from nat_megatron.answers import extract_answer, final_number, last_boxed, to_fraction, to_int
 from nat_megatron.rewards import verifiers as _verifiers  # noqa: F401  (registers the rewards)
 from nat_megatron.rewards.deadline import DeadlineExceeded, run_with_deadline, signals_usable
-from nat_megatron.rewards.extract import extract_answer, final_number, last_boxed, to_fraction, to_int
 from nat_megatron.rewards.registry import (
     RewardFn,
     Score,

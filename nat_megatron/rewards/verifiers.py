@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
+from nat_megatron.answers import extract_answer, last_boxed, to_fraction, to_int
 from nat_megatron.rewards.deadline import run_with_deadline, signals_usable
-from nat_megatron.rewards.extract import extract_answer, last_boxed, to_fraction, to_int
 from nat_megatron.rewards.registry import Score, register_reward
 
 logger = logging.getLogger(__name__)

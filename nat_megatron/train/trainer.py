@@ -31,7 +31,6 @@ from nat_megatron.checkpoint.hf_mapping import load_hf_weights
 from nat_megatron.checkpoint.lock import hold_checkpoint_dir
 from nat_megatron.checkpoint.resume import check_run, resume_checkpoint
 from nat_megatron.config import Config
-from nat_megatron.data.dataset import load_dataset
 from nat_megatron.data.iterator import DataIterator
 from nat_megatron.model.build import build_model
 from nat_megatron.nat.loss import group_advantages
@@ -53,6 +52,7 @@ from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches,
 from nat_megatron.train.forward_backward import forward_backward, is_loss_owner
 from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from nat_megatron.train.preemption import Preemption
+from nat_megatron.train.prompts import load_dataset
 from nat_megatron.train.token_stats import token_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,7 +177,7 @@ class Trainer:
     def _build_model(self, wrap: bool = True) -> list:
         """The policy (wrapped for the distributed optimizer), or with wrap=False a frozen copy
         of the initial weights: the reference policy."""
-        from nat_megatron.tune.constants import RECOMPUTE  # the one recompute -> Megatron mapping
+        from nat_megatron.model.recompute import RECOMPUTE  # the one recompute -> Megatron mapping
 
         chunks = build_model(
             self.arch,

@@ -35,22 +35,12 @@ LOSS_PAD_MASK_TEMPS = 1
 # (2f), `x_linear + glu_linear_offset` (f), silu's output (f) and the product (f, fc2's input).
 MLP_SAVED_WIDTHS = 5
 
-# Recompute options and what they map to in TransformerConfig (pass as build_model overrides).
-RECOMPUTE = {
-    "none": {},
-    # MLP recompute: the dense MLP's internals (5f per token) are recomputed in the backward;
-    # core_attn is not listed because flash/fused attention keeps no [s, s] scores anyway.
-    "selective": {"recompute_granularity": "selective", "recompute_modules": ["mlp"]},
-    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
-}
-
 # Colocated rollout engine (vLLM, rollout/engine.py): while it generates it takes
 # gpu_memory_utilization x GPU memory for its weights, KV cache and its own activations, next to
 # the trainer's resident weights, grads and optimizer state; while the trainer trains it sleeps
 # (level 1: weights in host memory, KV cache freed) and keeps only a residual on the GPU
 # (its tensor-parallel communicators and allocator pools; an estimate, not yet measured on GPU).
-# rollout.gpu_memory_utilization defaults to this value.
-ROLLOUT_GPU_MEMORY_UTILIZATION = 0.35
+# Its default gpu_memory_utilization is the config's (config.py ROLLOUT_GPU_MEMORY_UTILIZATION).
 ROLLOUT_ASLEEP_GB = 1.0
 ROLLOUT_ACTIVATION_GB = 1.0  # vLLM's profiled forward peak, reserved out of its budget
 ROLLOUT_MAX_WEIGHT_SHARE = 0.5  # auto rollout TP: smallest TP whose weights fit in half the budget

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nat_megatron.config import ROLLOUT_GPU_MEMORY_UTILIZATION
 from nat_megatron.model.arch import ModelArch
 from nat_megatron.parallel.layout import Layout, micro_batches_per_rank
 from nat_megatron.tune import constants as C
@@ -35,7 +36,7 @@ class Plan:
 
     layout: Layout
     mbs: int = 1  # sequences per micro-batch
-    recompute: str = "none"  # key of constants.RECOMPUTE
+    recompute: str = "none"  # key of model/recompute.py RECOMPUTE
     distributed_optimizer: bool = True
 
     def num_microbatches(self, work: Workload) -> int:
@@ -235,7 +236,7 @@ def rollout_plan(
     mem_gb: float,
     seq_len: int,
     gpus_per_node: int = 8,
-    utilization: float = C.ROLLOUT_GPU_MEMORY_UTILIZATION,
+    utilization: float = ROLLOUT_GPU_MEMORY_UTILIZATION,
     tp: int | None = None,
     kv_cache_gb: float | None = None,
 ) -> dict:

@@ -6,6 +6,7 @@ import collections
 import re
 
 from nat_megatron.model.arch import ModelArch
+from nat_megatron.model.recompute import RECOMPUTE
 from nat_megatron.tune import constants as C
 from nat_megatron.tune.search import SearchResult
 from nat_megatron.tune.workload import Workload
@@ -44,7 +45,7 @@ def assumptions(
         "workspace_gb": dev.workspace_gb,
         "fragmentation": dev.fragmentation,
         "backend": dev.backend,
-        "recompute": {k: v for k, v in C.RECOMPUTE.items()},
+        "recompute": {k: v for k, v in RECOMPUTE.items()},
         "tokens_per_s_per_gpu": "prompt+full-response tokens of the step / step time / GPUs",
     }
     if rollout:

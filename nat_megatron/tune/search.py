@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nat_megatron.model.arch import ModelArch
+from nat_megatron.model.recompute import RECOMPUTE
 from nat_megatron.parallel.layout import Layout, validate_layout
 from nat_megatron.tune import constants as C
 from nat_megatron.tune.memory import MemoryEstimate, Plan, estimate_memory
@@ -143,7 +144,7 @@ def search(
     rollout: dict | None = None,
     layouts: list[Layout] | None = None,
     mbs_options=MICRO_BATCH_SIZES,
-    recompute_options=tuple(C.RECOMPUTE),
+    recompute_options=tuple(RECOMPUTE),
     distributed_optimizer: bool = True,
 ) -> SearchResult:
     """Evaluate every valid plan (or those of `layouts`) and rank them best first."""
@@ -191,8 +192,8 @@ def check_layout(
     estimated peak memory exceeds the GPU (the message carries the breakdown). global_batch
     None means the smallest batch that fills the pipeline: dp x mbs x pp sequences.
     """
-    if recompute not in C.RECOMPUTE:
-        raise ValueError(f"recompute={recompute!r} is unknown; use one of {tuple(C.RECOMPUTE)}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r} is unknown; use one of {tuple(RECOMPUTE)}")
     if device not in C.DEVICES:
         raise ValueError(f"device={device!r} is unknown; use one of {tuple(C.DEVICES)}")
     if global_batch is None:

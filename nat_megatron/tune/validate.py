@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 
 from nat_megatron.model.arch import ModelArch
+from nat_megatron.model.recompute import RECOMPUTE
 from nat_megatron.parallel.layout import Layout
 from nat_megatron.tune import constants as C
 from nat_megatron.tune.memory import Plan, estimate_memory
@@ -170,7 +171,7 @@ def run_plan(
     mask = KEPT_FIELD if wl.logits_on == "selected" else None
     times = []
     with PeakMemory() as pm:
-        chunks = build_model(arch, lay, dtype=torch.bfloat16 if on_gpu else torch.float32, **C.RECOMPUTE[recompute])
+        chunks = build_model(arch, lay, dtype=torch.bfloat16 if on_gpu else torch.float32, **RECOMPUTE[recompute])
         ddp = wrap_ddp(chunks, use_distributed_optimizer=distributed_optimizer)
         opt = build_optimizer(ddp, lr=1e-5, use_distributed_optimizer=distributed_optimizer, bf16=on_gpu)
         for step in range(steps):

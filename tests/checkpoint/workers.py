@@ -6,7 +6,6 @@ import os
 
 import torch
 
-from nat_megatron.checkpoint.convert import full_logits
 from nat_megatron.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
 from nat_megatron.checkpoint.gather import gather_full
 from nat_megatron.checkpoint.hf_io import HFReader
@@ -16,6 +15,7 @@ from nat_megatron.model.build import build_model
 from nat_megatron.parallel.distributed import init_distributed, shutdown
 from nat_megatron.parallel.layout import Layout
 from nat_megatron.train.forward_backward import forward_backward
+from nat_megatron.train.logits import full_logits
 from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from tests.parallel.workers import make_micro_batches, weighted_nll
 

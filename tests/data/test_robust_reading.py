@@ -44,11 +44,13 @@ def test_exact_int_reward_needs_integer_reference_answers(tmp_path):
         {"prompt": "d", "answer": "2.5"},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = load_dataset(DatasetConfig(path=str(path)), reward="exact_int")
+    from nat_megatron.train.prompts import load_dataset as trainer_prompts
+
+    ds = trainer_prompts(DatasetConfig(path=str(path)), reward="exact_int")
     assert [e.answer for e in ds.examples] == ["12", "-3"]
     assert dict(ds.skipped) == {"answer_not_int": 2}
     assert ds.problems == [f"{path}:2: answer_not_int", f"{path}:4: answer_not_int"]
-    assert len(load_dataset(DatasetConfig(path=str(path)), reward="math_verify")) == 4
+    assert len(trainer_prompts(DatasetConfig(path=str(path)), reward="math_verify")) == 4
 
 
 def test_parquet_in_the_gsm8k_layout(tmp_path):

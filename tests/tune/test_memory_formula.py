@@ -47,10 +47,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from nat_megatron.model.presets import load_arch
 from nat_megatron.parallel.layout import Layout
 from nat_megatron.tune import constants as C
 from nat_megatron.tune.memory import Plan, activation_bytes, logits_bytes_per_element, static_bytes
-from nat_megatron.tune.presets import load_arch
 from nat_megatron.tune.workload import Workload
 
 SEQ = 8192

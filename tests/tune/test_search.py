@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from nat_megatron.model.presets import PRESETS, load_arch
+from nat_megatron.model.recompute import RECOMPUTE
 from nat_megatron.parallel.layout import Layout, micro_batches_per_rank, validate_layout
 from nat_megatron.tune import constants as C
 from nat_megatron.tune.memory import Plan, estimate_memory, rollout_plan
-from nat_megatron.tune.presets import PRESETS, load_arch
 from nat_megatron.tune.search import check_layout, search
 from nat_megatron.tune.workload import Workload
 
@@ -98,7 +99,7 @@ def test_recompute_and_nat_lower_the_estimate():
     arch = load_arch("qwen3-8b")
     lay = Layout(tp=2, dp=4, sequence_parallel=True)
     work = Workload(seq_len=8192, response_len=7168, global_batch=64)
-    totals = {rc: estimate_memory(arch, Plan(lay, 2, rc), work, C.H100).total for rc in C.RECOMPUTE}
+    totals = {rc: estimate_memory(arch, Plan(lay, 2, rc), work, C.H100).total for rc in RECOMPUTE}
     assert totals["full"] < totals["selective"] < totals["none"]
     # RPC 0.5 with 4 sequences per micro-batch: batching.py's balanced groups are ~30% smaller
     # (not 44%: the largest group still holds the long cuts); with 1 per micro-batch, ~no saving.

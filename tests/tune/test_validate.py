@@ -8,9 +8,9 @@ recompute and the distributed optimizer. All use the selected-position output la
 
 import pytest
 
+from nat_megatron.model.presets import load_arch
 from nat_megatron.parallel.layout import Layout
 from nat_megatron.tune.memory import Plan
-from nat_megatron.tune.presets import load_arch
 from nat_megatron.tune.validate import format_rows, validate_plans
 from nat_megatron.tune.workload import Workload
 

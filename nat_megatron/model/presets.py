@@ -1,8 +1,10 @@
-"""Model shapes the tuner knows by name: the published Hugging Face config.json values.
+"""Model shapes known by name (a config's model.preset, the layout tuner's --model): the
+published Hugging Face config.json values.
 
-Only the fields `ModelArch.from_hf_config` reads are kept. "tiny" is not a real model: it is
-the CPU shape `--validate` and the tests run, chosen so that activations and weights, not the
-vocabulary, dominate its memory (as they do at GPU scale).
+Only the fields `ModelArch.from_hf_config` reads are kept, so a dry run or the tuner needs no
+weights. The weights of smollm2-135m-instruct come with the package (model/smollm2.py). "tiny"
+is not a real model: it is the CPU shape the tuner's `--validate` and the tests run, chosen so
+that activations and weights, not the vocabulary, dominate its memory (as they do at GPU scale).
 """
 
 from __future__ import annotations
@@ -20,7 +22,24 @@ _LLAMA31_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+SMOLLM2 = "smollm2-135m-instruct"  # the preset whose weights come from ensure_smollm2()
+
 PRESETS: dict[str, dict] = {
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the default CPU job)
+    SMOLLM2: dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
     # Qwen/Qwen3-1.7B
     "qwen3-1.7b": dict(
         model_type="qwen3",

@@ -1,8 +1,10 @@
 """Pure-Python answer extraction: last \\boxed{...}, last plain number, exact numeric values.
 
-Nothing here evaluates model text: numbers are read by regular expressions and turned into
-`fractions.Fraction` from digit strings only. Inputs are length-capped so a pathological
-completion cannot make a regex or a big-integer conversion run long.
+Shared by the rewards (the answer in a completion) and the dataset layouts (the final answer of
+a reference solution, e.g. MATH's last \\boxed{}). Nothing here evaluates model text: numbers
+are read by regular expressions and turned into `fractions.Fraction` from digit strings only.
+Inputs are length-capped so a pathological completion cannot make a regex or a big-integer
+conversion run long.
 """
 
 from __future__ import annotations

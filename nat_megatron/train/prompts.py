@@ -1,0 +1,17 @@
+"""The trainer's prompts: the dataset of its config, less the rows whose reference answer its
+reward cannot use. data/ reads datasets and knows no rewards; the trainer joins the two."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nat_megatron.data.dataset import DatasetConfig, PromptDataset
+from nat_megatron.data.dataset import load_dataset as read_dataset
+from nat_megatron.rewards import answer_check_of
+
+
+def load_dataset(config: DatasetConfig, tokenizer: Any | None = None, *, reward: str | None = None) -> PromptDataset:
+    """data.load_dataset; with `reward` (a reward name) the reference answers that reward cannot
+    use are skipped and counted (e.g. exact_int needs integers)."""
+    answer_check = answer_check_of(reward) if reward is not None else None
+    return read_dataset(config, tokenizer, answer_check=answer_check)
