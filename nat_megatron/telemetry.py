@@ -132,7 +132,13 @@ class Telemetry:
         self._phases: dict[str, float] = defaultdict(float)
         self._start_step = start_step  # steps done before this process (a resumed run)
         self.progress_keys = progress_keys
-        self._t_start = self._t_step = time.perf_counter()
+        self._t_step = time.perf_counter()
+        self._step_seconds = 0.0  # time/step summed over this process's steps
+
+    def start_step(self) -> None:
+        """The step begins now: time/step counts from here (not the evaluation or checkpoint
+        before it; without this call, from the previous log_step)."""
+        self._t_step = time.perf_counter()
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -161,6 +167,7 @@ class Telemetry:
         out = {k: _number(v) for k, v in (scalars or {}).items()}
         out.update({f"time/{k}": v for k, v in self._phases.items()})
         out["time/step"] = now - self._t_step
+        self._step_seconds += out["time/step"]
         self._phases.clear()
         self._t_step = now
         if step % self.cfg.log_every and step != self.total_steps:
@@ -184,9 +191,12 @@ class Telemetry:
             self.wandb.log(finite, step=step)
 
     def progress_line(self, step: int, out: dict, scalars: dict) -> str:
-        """'step 3/20 (15%) | loss 0.1234 | rollout 3.1s train 2.0s | 5.2s/step | ETA 1m28s'."""
+        """'step 3/20 (15%) | loss 0.1234 | rollout 3.1s train 2.0s | 5.2s/step | ETA 1m28s'.
+
+        s/step: the mean time/step so far (evaluations and checkpoints between steps excluded);
+        the ETA is that times the steps left."""
         done = step - self._start_step
-        per_step = (time.perf_counter() - self._t_start) / max(done, 1)
+        per_step = self._step_seconds / max(done, 1)
         eta = per_step * max(self.total_steps - step, 0)
         parts = [f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%)"]
         shown = [k for k in scalars if self.progress_keys is None or k in self.progress_keys]

@@ -93,7 +93,19 @@ def test_dry_run_accepts_what_runs(capsys, in_job_dir):
     assert main(["--config", str(cfg), "--dry-run", "parallel.cp=2", "rollout.max_new_tokens=3071"]) == 0
     assert "lengths pad to a multiple of" in capsys.readouterr().out
     assert (
-        main(["--config", str(CPU), "--dry-run", "parallel.vpp=3", "train.prompts_per_step=1", "rollout.group_size=3"])
+        main(
+            [
+                "--config",
+                str(CPU),
+                "--dry-run",
+                "parallel.pp=2",
+                "parallel.vpp=3",
+                "parallel.max_tokens_per_micro_batch=null",
+                "parallel.micro_batch_size=1",
+                "train.prompts_per_step=1",
+                "rollout.group_size=3",
+            ]
+        )
         == 0
     )
     assert "up to 4 micro-batches of 1 per DP rank" in capsys.readouterr().out

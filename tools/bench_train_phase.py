@@ -21,6 +21,7 @@ micro-batching; by default full-sequence training, nat.scheme=none).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -45,12 +46,16 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="also write the JSON line to this file")
+    p.add_argument(
+        "--profile", help="write a torch.profiler op table of every condition's last repeat per rank into this folder"
+    )
     p.add_argument("--run-dir", help="checkpoints and TensorBoard of the run (default: a new temporary directory)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     return p.parse_args(argv)
 
 
 def bench(cfg, args) -> dict | None:
+    import torch
     import torch.distributed as dist
 
     from nat_megatron.parallel.distributed import cpu_group
@@ -60,8 +65,8 @@ def bench(cfg, args) -> dict | None:
     try:
         rollouts = []
         for _ in range(args.steps):
-            batch, metrics = trainer.rollout_step()
-            rollouts.append((batch, metrics))
+            batch, _ = trainer.rollout_step()
+            rollouts.append(batch)
         conditions = [(s, int(m)) for m in args.max_tokens.split(",") for s in args.schemes.split(",")]
         times = {c: [] for c in conditions}
         info = {}
@@ -73,14 +78,21 @@ def bench(cfg, args) -> dict | None:
                     parallel=dataclasses.replace(cfg.parallel, max_tokens_per_micro_batch=max_tokens or None),
                 )
                 fed = kept = generated = 0
+                profile = args.profile and r == args.warmup + args.repeats - 1
                 dist.barrier(group=cpu_group())
                 t0 = time.perf_counter()
-                for batch, metrics in rollouts:
-                    selection, updates = trainer.learn(batch, dict(metrics))
-                    fed += sum(u["tokens"][1] for u in updates)
-                    kept += sum(u["tokens"][0] for u in updates)
-                    generated += int(batch.step_lengths.sum())
+                with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
+                    for batch in rollouts:
+                        selection, updates, _ = trainer.learn(batch)
+                        fed += sum(u["tokens"][1] for u in updates)
+                        kept += sum(u["tokens"][0] for u in updates)
+                        generated += int(batch.step_lengths.sum())
                 dist.barrier(group=cpu_group())
+                if profile:
+                    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                    path = Path(args.profile) / f"{scheme}@{max_tokens or 'mbs'}.rank{trainer.rank}.txt"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(table)
                 if r >= args.warmup:
                     times[(scheme, max_tokens)].append(time.perf_counter() - t0)
                 info[(scheme, max_tokens)] = {"response_tokens_fed": fed, "kept_fraction": round(kept / generated, 4)}
@@ -104,7 +116,7 @@ def bench(cfg, args) -> dict | None:
             "layout": str(cfg.parallel.layout()),
             "steps": args.steps,
             "repeats": args.repeats,
-            "generated_tokens": sum(int(b.step_lengths.sum()) for b, _ in rollouts),
+            "generated_tokens": sum(int(b.step_lengths.sum()) for b in rollouts),
             "conditions": result,
         }
     finally:

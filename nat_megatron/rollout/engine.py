@@ -123,6 +123,7 @@ class RolloutEngine:
                 max_model_len=max_model_len,
                 worker_extension_cls=WORKER_EXTENSION,
                 enable_sleep_mode=not on_cpu,
+                use_tqdm_on_load=log_file is None,  # its progress bars are console chatter too
                 **memory,
             )
         if log_file is not None:

@@ -15,7 +15,8 @@ its engine, whose layerwise reload keeps only the slice for its own tensor-paral
 Memory: a rank holds one bucket plus the one full tensor being converted, beyond its shards.
 Traffic: every rank receives the whole model once per sync (a broadcast); with several engines
 that is what each engine needs anyway, and it keeps the trainer's and the engines' sharding
-independent of each other.
+independent of each other. Without tensor and pipeline parallelism every rank already holds the
+whole model, and each engine takes its own rank's copy: nothing travels.
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ def hf_weight_stream(
     tp_group = parallel_state.get_tensor_model_parallel_group()
     # Only the DP-0 / CP-0 replica of each stage sends; the other replicas hold copies.
     in_source_replica = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
+    if to is None and tp == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        # Every rank holds the whole model (data/context-parallel replicas are identical after
+        # the optimizer step): each engine takes its rank's own copy, nothing travels.
+        for p in plan:
+            yield from from_megatron(arch, p.name, local[p.name].detach().view(p.shard_shape)).items()
+        if stats is not None:
+            stats["bytes"] = 0
+        return
     moved = 0
     for bucket in _buckets(plan, tp, bucket_bytes):
         src, dtype = bucket[0].src, bucket[0].dtype

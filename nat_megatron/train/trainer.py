@@ -44,7 +44,7 @@ from nat_megatron.rewards.registry import score_batch
 from nat_megatron.rewards.shaping import overlong_penalty
 from nat_megatron.rewards.significance import build_scorer, count_significant
 from nat_megatron.rollout.distribute import RolloutBatch, StepScores, collect, gather_scores
-from nat_megatron.rollout.engine import SamplingConfig
+from nat_megatron.rollout.engine import Engine, SamplingConfig
 from nat_megatron.rollout.layout import EngineLayout, choose_groups, request_seed
 from nat_megatron.rollout.weight_sync import hf_weight_stream, sync_weights
 from nat_megatron.telemetry import Telemetry
@@ -193,7 +193,7 @@ class Trainer:
             return chunks
         return wrap_ddp(chunks, use_distributed_optimizer=self.cfg.optim.distributed_optimizer)
 
-    def _build_engine(self):
+    def _build_engine(self) -> Engine:
         """This rank's part of its rollout engine (every rank is in one; rollout/engine.py)."""
         from nat_megatron.rollout.engine import RolloutEngine
 
@@ -297,8 +297,10 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One RL step: rollouts of this step's prompts, the policy update on them, the weight sync."""
+        self.telemetry.start_step()
         batch, metrics = self.rollout_step()
-        selection, updates = self.learn(batch, metrics)
+        selection, updates, learn_metrics = self.learn(batch)
+        metrics.update(learn_metrics)
         with self.telemetry.phase("sync"):
             sync = self.sync()
         self.step += 1
@@ -324,19 +326,22 @@ class Trainer:
             )
         if self.cfg.reward.bingo.enabled:
             with tel.phase("reward"):
-                batch.rewards = batch.rewards + self.bingo_bonus(batch, metrics)
+                bonus, bingo_metrics = self.bingo_bonus(batch)
+                batch.rewards = batch.rewards + bonus
+                metrics.update(bingo_metrics)
         return batch, metrics
 
-    def learn(self, batch: RolloutBatch, metrics: dict) -> tuple[Selection, list[dict]]:
+    def learn(self, batch: RolloutBatch) -> tuple[Selection, list[dict], dict]:
         """The policy update on this replica's groups: NAT selection, advantages, the loss's other
-        inputs, then train.epochs passes over train.mini_batches optimizer steps."""
+        inputs, then train.epochs passes over train.mini_batches optimizer steps. Returns the
+        selection, each optimizer step's figures (update()) and the phase's metrics."""
         cfg, tel = self.cfg, self.telemetry
         samples = _samples(batch)
         selection = self.select(batch)
         with tel.phase("advantage"):
-            samples = self.advantages(batch, samples, selection, metrics)
+            samples, adv_metrics = self.advantages(batch, samples, selection)
         with tel.phase("logprobs"):
-            samples = self.policy_inputs(samples, selection, metrics)
+            samples, input_metrics = self.policy_inputs(samples, selection)
         with tel.phase("train"):
             updates = [
                 self.update(samples, selection, part)
@@ -344,7 +349,7 @@ class Trainer:
                 for part in torch.arange(len(samples)).tensor_split(cfg.train.mini_batches)
             ]
             self.scheduler.step(increment=1)  # the LR schedule counts RL steps
-        return selection, updates
+        return selection, updates, {**adv_metrics, **input_metrics}
 
     def step_metrics(
         self, batch: RolloutBatch, selection: Selection, updates: list[dict], sync: dict, metrics: dict
@@ -392,13 +397,15 @@ class Trainer:
             **metrics,
         }
 
-    def policy_inputs(self, samples: list[Sample], selection: Selection, metrics: dict) -> list[Sample]:
+    def policy_inputs(self, samples: list[Sample], selection: Selection) -> tuple[list[Sample], dict]:
         """What the loss needs beyond the rollout, on the kept positions only (forward-only passes
         over the same truncated prefixes as the policy's): the reference policy's log-probs (KL
         term), and with loss.old_logprobs=recompute the trainer's own pi_old, from which the
-        truncated importance weights min(pi_old / pi_rollout, loss.tis_cap) follow."""
+        truncated importance weights min(pi_old / pi_rollout, loss.tis_cap) follow. Returns the
+        samples with those fields, and their metrics."""
         loss = self.cfg.loss
         keep = selection.mask
+        metrics = {}
         if loss.kl_beta > 0:
             ref = self.forward_stats(self.ref_model, samples, keep)["logprobs"]
             samples = [
@@ -433,7 +440,7 @@ class Trainer:
                 )
                 for j, s in enumerate(samples)
             ]
-        return samples
+        return samples, metrics
 
     def update(self, samples: list[Sample], selection: Selection, part: torch.Tensor) -> dict:
         """One optimizer step on the mini-batch `part` of this replica's samples. Its normaliser
@@ -509,19 +516,18 @@ class Trainer:
         gens = selection_generators(self.cfg.train.seed, self.step, ids)
         return sample(nat.scheme, nat.budget, lengths, gens, **nat.options())
 
-    def advantages(
-        self, batch: RolloutBatch, samples: list[Sample], selection: Selection, metrics: dict
-    ) -> list[Sample]:
+    def advantages(self, batch: RolloutBatch, samples: list[Sample], selection: Selection) -> tuple[list[Sample], dict]:
         """GRPO: one group-normalised advantage per response. OTB (nat/otb.py): one per token.
 
         Groups are whole on a replica, so both are computed from this replica's samples. OTB's
         baseline needs every group member's logit-gradient proxy on the positions any member
         keeps (nat/otb.py, "NAT rule"): one forward-only pass of the policy over those prefixes.
-        The behaviour log-probs stay the engine's.
+        The behaviour log-probs stay the engine's. Returns the samples with their advantages,
+        and metrics.
         """
         if self.cfg.advantage.estimator == "grpo":
             adv = group_advantages(batch.rewards, batch.group_size, scale=self.cfg.advantage.scale)
-            return [dataclasses.replace(s, advantage=float(a)) for s, a in zip(samples, adv)]
+            return [dataclasses.replace(s, advantage=float(a)) for s, a in zip(samples, adv)], {}
         lengths, group = selection.lengths, batch.group_index
         kept = selection.mask
         last_kept = (kept * torch.arange(1, kept.shape[1] + 1)).amax(1)
@@ -536,12 +542,13 @@ class Trainer:
         proxy_tokens, abs_sum, n_valid = self._over_replicas(
             int(prefix.sum()), float(adv.abs()[mask].sum()), int(mask.sum())
         )
-        metrics["otb/proxy_tokens"] = int(proxy_tokens)
-        metrics["otb/advantage_abs_mean"] = abs_sum / max(n_valid, 1)
-        return [dataclasses.replace(s, advantage=adv[j, : len(s.response)].clone()) for j, s in enumerate(samples)]
+        metrics = {"otb/proxy_tokens": int(proxy_tokens), "otb/advantage_abs_mean": abs_sum / max(n_valid, 1)}
+        samples = [dataclasses.replace(s, advantage=adv[j, : len(s.response)].clone()) for j, s in enumerate(samples)]
+        return samples, metrics
 
-    def bingo_bonus(self, batch: RolloutBatch, metrics: dict) -> torch.Tensor:
-        """Bingo's significance-aware length reward (rewards/bingo.py) for this replica's samples."""
+    def bingo_bonus(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """Bingo's significance-aware length reward (rewards/bingo.py) for this replica's samples,
+        and its metrics."""
         b = self.cfg.reward.bingo
         ref_lps = None
         if self.ref_model is not None:  # the reference policy's log-probs of every response
@@ -571,16 +578,13 @@ class Trainer:
         n, bonus_sum, sig_sum, insig_sum, corr_sum = self._over_replicas(
             len(bonus), float(bonus.sum()), float(n_sig.sum()), float(n_insig.sum()), float(batch.rewards.sum())
         )
-        metrics.update(
-            {
-                "bingo/bonus_mean": bonus_sum / max(n, 1),
-                "bingo/lambda_we_prime": lam,
-                "bingo/significant_mean": sig_sum / max(n, 1),
-                "bingo/insignificant_mean": insig_sum / max(n, 1),
-                "reward/correctness_mean": corr_sum / max(n, 1),
-            }
-        )
-        return bonus
+        return bonus, {
+            "bingo/bonus_mean": bonus_sum / max(n, 1),
+            "bingo/lambda_we_prime": lam,
+            "bingo/significant_mean": sig_sum / max(n, 1),
+            "bingo/insignificant_mean": insig_sum / max(n, 1),
+            "reward/correctness_mean": corr_sum / max(n, 1),
+        }
 
     def _reference_lengths(self) -> ReferenceLengths:
         """Significant / insignificant token counts of the reference model's response to every
