@@ -253,6 +253,12 @@ def dry_run(cfg) -> str:
     inputs = [check_data(cfg), check_resume(cfg)]
     arch, lay, est, roll = info["arch"], info["layout"], info["estimate"], info["rollout"]
     m = micro_batches_per_rank(lay, cfg.global_batch, cfg.parallel.micro_batch_size)
+    budget = cfg.parallel.max_tokens_per_micro_batch
+    grouping = (
+        f"micro-batches of up to {budget} padded tokens"
+        if budget
+        else f"up to {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank"
+    )
     lines = [
         "# resolved config",
         cfg.to_yaml().rstrip(),
@@ -262,7 +268,7 @@ def dry_run(cfg) -> str:
         f"# layout: tp={lay.tp} pp={lay.pp} vpp={lay.vpp} cp={lay.cp} dp={lay.dp} "
         f"sequence_parallel={lay.sequence_parallel} (world size {lay.world_size})",
         f"# step: {cfg.global_batch} sequences = {cfg.train.prompts_per_step} prompts x "
-        f"{cfg.rollout.group_size}; up to {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; "
+        f"{cfg.rollout.group_size}; {grouping}; "
         f"max sequence {cfg.seq_len} tokens (lengths pad to a multiple of {lay.seq_multiple})",
     ]
     t = cfg.rollout.tp

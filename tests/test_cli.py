@@ -61,11 +61,11 @@ def test_invalid_layout_exits_2_naming_the_key(dry_runs):
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["parallel.world_size=3"], "parallel.dp: 'auto' needs tp*pp*cp = 2 to divide"),
+        (["parallel.world_size=3", "parallel.pp=2"], "parallel.dp: 'auto' needs tp*pp*cp = 2 to divide"),
         (["parallel.pp=4"], "parallel"),  # 4 stages with world size 2
         (["parallel.pp=1", "parallel.dp=1"], "parallel.dp: layout tp*pp*cp*dp"),
         (["rollout.max_new_tokens=9000"], "rollout.max_new_tokens"),
-        (["parallel.vpp=4"], "parallel.vpp: pp=2 x vpp=4 = 8 pipeline chunks do not divide"),
+        (["parallel.pp=2", "parallel.vpp=4"], "parallel.vpp: pp=2 x vpp=4 = 8 pipeline chunks do not divide"),
         (["nat.budget=2"], "nat.budget: must be in (0, 1]"),
     ],
 )

@@ -86,7 +86,7 @@ def accuracy(texts: list[str], rows: list[dict], reward: str) -> list[float]:
     import nat_megatron.rewards.verifiers  # noqa: F401  (registers the rewards)
     from nat_megatron.rewards.registry import score_batch
 
-    return [float(c) for c in score_batch(reward, texts, [r["answer"] for r in rows], timeout=5.0).correct]
+    return [float(c) for c in score_batch(reward, texts, [r["answer"] for r in rows]).correct]
 
 
 def summary(before: list[float], after: list[float]) -> dict:
