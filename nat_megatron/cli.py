@@ -57,7 +57,7 @@ def parse_args(argv: list[str], prog: str = "python -m nat_megatron.train") -> a
         metavar="key.sub=value",
         help="override a config value, e.g. nat.budget=0.25 parallel.tp=2",
     )
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before, between or after the options
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"overrides must look like key.sub=value, got {bad}")
