@@ -1,6 +1,6 @@
 """No tracked file points outside the repository: no path of the machine it was written on
 (/work/..., a home directory, a tool's job directory) and no relative path that climbs above
-the repository root (../shared). A clone must work wherever it is checked out."""
+the repository root (e.g. a design folder beside the clone). A clone must work wherever it is checked out."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_no_tracked_file_refers_outside_the_repository():
 def test_the_check_finds_each_kind():
     lines = [
         "see ../README.md",  # inside: the file is one directory below the root
-        "data in ../../shared/x",  # above the root
+        "data in ../../design/x",  # above the root
         "cd /work/main && make",
         "/tmp/bash_jobs.1000/3/stdout",
         "cache in /home/alice/.cache",
