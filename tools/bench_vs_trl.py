@@ -25,7 +25,6 @@ Needs minutes (TRL takes about a minute per step on 2 cores); not part of the te
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -68,14 +67,13 @@ def prompts(cfg, steps: int) -> tuple[list[dict], list[dict]]:
     from transformers import AutoTokenizer
 
     from nat_megatron.data.iterator import DataIterator
-    from nat_megatron.train.prompts import load_dataset
+    from nat_megatron.train.prompts import held_out_prompts, load_dataset
 
     tok = AutoTokenizer.from_pretrained(cfg.model.weights_dir())
     data = load_dataset(cfg.data, tok, reward=cfg.reward.name)
     it = DataIterator(data.examples, batch_size=cfg.train.prompts_per_step, seed=cfg.train.seed)
     train = [ex for _ in range(steps) for ex in it.next_batch()]
-    held_out = dataclasses.replace(cfg.data, path=cfg.eval.path, split="test", limit=cfg.eval.limit)
-    held = load_dataset(held_out, tok).examples  # as the trainer's evaluation reads it
+    held = held_out_prompts(cfg, tok)
 
     def row(ex):
         return {"prompt": tok.decode(ex.prompt_ids), "answer": ex.answer}

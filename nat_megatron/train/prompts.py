@@ -3,6 +3,7 @@ reward cannot use. data/ reads datasets and knows no rewards; the trainer joins 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from nat_megatron.data.dataset import DatasetConfig, PromptDataset
@@ -15,3 +16,10 @@ def load_dataset(config: DatasetConfig, tokenizer: Any | None = None, *, reward:
     use are skipped and counted (e.g. exact_int needs integers)."""
     answer_check = answer_check_of(reward) if reward is not None else None
     return read_dataset(config, tokenizer, answer_check=answer_check)
+
+
+def held_out_prompts(cfg: Any, tokenizer: Any) -> list:
+    """The evaluation's prompts (eval.*): the test split of eval.path (or of the embedded
+    problems), read with the training data's settings, up to eval.limit."""
+    held_out = dataclasses.replace(cfg.data, path=cfg.eval.path, split="test", limit=cfg.eval.limit)
+    return load_dataset(held_out, tokenizer).examples

@@ -52,7 +52,7 @@ from nat_megatron.train.batching import KEPT_FIELD, Sample, build_micro_batches,
 from nat_megatron.train.forward_backward import forward_backward, is_loss_owner
 from nat_megatron.train.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from nat_megatron.train.preemption import Preemption
-from nat_megatron.train.prompts import load_dataset
+from nat_megatron.train.prompts import held_out_prompts, load_dataset
 from nat_megatron.train.token_stats import token_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,8 +132,7 @@ class Trainer:
         self.data_fingerprint = dataset.fingerprint()
         self.eval_prompts = None
         if cfg.eval.enabled:
-            held_out = dataclasses.replace(cfg.data, path=cfg.eval.path, split="test", limit=cfg.eval.limit)
-            self.eval_prompts = load_dataset(held_out, self.tokenizer).examples
+            self.eval_prompts = held_out_prompts(cfg, self.tokenizer)
         self.step, self.skipped_in_a_row = 0, 0
         self.eval_start = None  # per-problem pass@1 before the first step (the gain's reference)
         bingo = cfg.reward.bingo
