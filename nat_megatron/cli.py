@@ -259,6 +259,8 @@ def dry_run(cfg) -> str:
         if budget
         else f"up to {m} micro-batches of {cfg.parallel.micro_batch_size} per DP rank"
     )
+    if cfg.parallel.share_prompt:
+        grouping += ", the responses of a prompt in one row behind one copy of it"
     lines = [
         "# resolved config",
         cfg.to_yaml().rstrip(),

@@ -162,9 +162,19 @@ class ParallelConfig:
     max_tokens_per_micro_batch: int | None = None
     gpus_per_node: int = 8
     recompute: str = "none"  # activation recompute: none | selective (MLP) | full (every layer)
+    # The responses of one prompt share one row: the prompt is fed forward and backward once per
+    # group instead of once per response (train/batching.py). Needs cp=1 and the SDPA attention
+    # (not Transformer Engine's, which ignores the row's mask), i.e. CPU or a GPU without TE.
+    share_prompt: bool = False
 
     def __post_init__(self):
         _one_of("parallel.recompute", self.recompute, tuple(RECOMPUTE))
+        _check(
+            not (self.share_prompt and self.cp > 1),
+            "parallel.share_prompt",
+            f"needs cp=1 (context parallelism splits a row's segments), got cp={self.cp}; "
+            "set parallel.share_prompt=false or cp=1",
+        )
         _at_least(
             self, 1, "world_size", "tp", "pp", "cp", "micro_batch_size", "gpus_per_node", "max_tokens_per_micro_batch"
         )

@@ -1,7 +1,8 @@
 """Train-phase time of NAT against full-sequence training, on the same rollouts, in the real job.
 
     python tools/bench_train_phase.py [--config examples/configs/smollm2-135m-cpu.yaml]
-        [--schemes none,rpc,urs] [--max-tokens 0,512] [--steps 1] [--repeats 3] [key=value ...]
+        [--schemes none,rpc,urs] [--max-tokens 0,512] [--share-prompt 1,0] [--steps 1] [--repeats 3]
+        [key=value ...]
 
 Starts the config's job (its world size and layout, the real Trainer and engines), samples
 `--steps` steps of rollouts once, then trains on exactly those rollouts again and again: every
@@ -10,7 +11,8 @@ them alike. What is timed is Trainer.learn, the whole training phase of a step (
 advantages, the loss's other inputs, Megatron forward/backward and the optimizer step), wall
 time on rank 0 between two barriers. nat.budget comes from the config (or key=value);
 `--max-tokens 0` means the config's micro_batch_size sequences per micro-batch, N > 0 a budget
-of N padded tokens per micro-batch (parallel.max_tokens_per_micro_batch).
+of N padded tokens per micro-batch (parallel.max_tokens_per_micro_batch). `--share-prompt 1,0`
+also runs every condition with and without parallel.share_prompt (default: the config's).
 
 Prints one JSON line: per condition the median seconds per step (and every repeat), the tokens
 fed forward (prompt + kept response prefix, summed over the steps) and the kept fraction, and
@@ -42,6 +44,9 @@ def parse_args(argv):
     p.add_argument(
         "--max-tokens", default="0", help="comma list: 0 = micro_batch_size per micro-batch, N = N tokens each"
     )
+    p.add_argument(
+        "--share-prompt", default="", help="comma list of 1/0: parallel.share_prompt values (default: the config's)"
+    )
     p.add_argument("--steps", type=int, default=1, help="rollout steps to train on (each timed repeat trains all)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -67,15 +72,21 @@ def bench(cfg, args) -> dict | None:
         for _ in range(args.steps):
             batch, _ = trainer.rollout_step()
             rollouts.append(batch)
-        conditions = [(s, int(m)) for m in args.max_tokens.split(",") for s in args.schemes.split(",")]
+        shares = [bool(int(x)) for x in args.share_prompt.split(",")] if args.share_prompt else [None]
+        conditions = [
+            (s, int(m), sh) for sh in shares for m in args.max_tokens.split(",") for s in args.schemes.split(",")
+        ]
         times = {c: [] for c in conditions}
         info = {}
         for r in range(args.warmup + args.repeats):
-            for scheme, max_tokens in conditions:
+            for scheme, max_tokens, share in conditions:
+                share = cfg.parallel.share_prompt if share is None else share
                 trainer.cfg = dataclasses.replace(
                     cfg,
                     nat=dataclasses.replace(cfg.nat, scheme=scheme, budget=1.0 if scheme == "none" else cfg.nat.budget),
-                    parallel=dataclasses.replace(cfg.parallel, max_tokens_per_micro_batch=max_tokens or None),
+                    parallel=dataclasses.replace(
+                        cfg.parallel, max_tokens_per_micro_batch=max_tokens or None, share_prompt=share
+                    ),
                 )
                 fed = kept = generated = 0
                 profile = args.profile and r == args.warmup + args.repeats - 1
@@ -90,19 +101,20 @@ def bench(cfg, args) -> dict | None:
                 dist.barrier(group=cpu_group())
                 if profile:
                     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-                    path = Path(args.profile) / f"{scheme}@{max_tokens or 'mbs'}.rank{trainer.rank}.txt"
+                    path = Path(args.profile) / f"{_name(scheme, max_tokens, share)}.rank{trainer.rank}.txt"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(table)
+                key = (scheme, max_tokens, None if shares == [None] else share)
                 if r >= args.warmup:
-                    times[(scheme, max_tokens)].append(time.perf_counter() - t0)
-                info[(scheme, max_tokens)] = {"response_tokens_fed": fed, "kept_fraction": round(kept / generated, 4)}
+                    times[key].append(time.perf_counter() - t0)
+                info[key] = {"response_tokens_fed": fed, "kept_fraction": round(kept / generated, 4)}
         if trainer.rank != 0:
             return None
         base = statistics.median(times[conditions[0]])
         result = {}
         for c in conditions:
             med = statistics.median(times[c])
-            name = f"{c[0]}@{'mbs' if c[1] == 0 else c[1]}"
+            name = _name(*c)
             result[name] = {
                 "train_s": round(med / args.steps, 3),
                 "train_s_repeats": [round(t / args.steps, 3) for t in times[c]],
@@ -114,6 +126,8 @@ def bench(cfg, args) -> dict | None:
             "config": args.config,
             "nat_budget": cfg.nat.budget,
             "layout": str(cfg.parallel.layout()),
+            "share_prompt": cfg.parallel.share_prompt,
+            "distributed_optimizer": cfg.optim.distributed_optimizer,
             "steps": args.steps,
             "repeats": args.repeats,
             "generated_tokens": sum(int(b.step_lengths.sum()) for b in rollouts),
@@ -121,6 +135,11 @@ def bench(cfg, args) -> dict | None:
         }
     finally:
         trainer.close()
+
+
+def _name(scheme: str, max_tokens: int, share: bool | None) -> str:
+    """none@512, rpc@mbs, rpc@512+shared (share_prompt on), rpc@512-shared (off)."""
+    return f"{scheme}@{max_tokens or 'mbs'}" + ("" if share is None else "+shared" if share else "-shared")
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,9 @@
 - `SDPAttention` replaces Megatron's local DotProductAttention, which materialises the full
   [s, s] score matrix (O(s^2) memory) and has no context parallelism. It calls
   torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU) and supports
-  context parallel by all-gathering K/V over the CP group and masking by global position.
+  context parallel by all-gathering K/V over the CP group and masking by global position. It
+  also takes an explicit mask (`segment_attention_mask`: shared-prompt rows, cp=1), which
+  Transformer Engine's causal attention would ignore.
   Transformer Engine's attention is used instead whenever TE is installed (see build.py).
 """
 
@@ -79,6 +81,24 @@ def cp_chunk_positions(local_len: int, cp_rank: int, cp_size: int, device=None) 
     return torch.cat([first, second])
 
 
+def segment_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """The attention mask of shared-prompt rows (train/batching.py, share_prompt) from their
+    per-position segment ids [b, s] (0: the shared prompt, k >= 1: the k-th response): a
+    position sees the earlier positions of the prompt and of its own segment. [b, 1, s, s] bool,
+    True where attention is masked out (Megatron's convention)."""
+    s = segment.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment.device).tril()
+    q, k = segment[:, :, None], segment[:, None, :]
+    return ~(causal & ((k == 0) | (k == q))).unsqueeze(1)
+
+
+def _no_cp_for_masks() -> None:
+    if parallel_state.get_context_parallel_world_size() > 1:
+        raise ValueError(
+            "an explicit attention mask (parallel.share_prompt) needs cp=1; set parallel.share_prompt=false"
+        )
+
+
 class SDPAttention(MegatronModule):
     """Causal core attention over [s, b, heads, dim] tensors, with GQA and context parallel."""
 
@@ -105,7 +125,10 @@ class SDPAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask, causal = None, True
-        if parallel_state.get_context_parallel_world_size() > 1:
+        if attention_mask is not None:  # [b, 1, s, s], True = masked out
+            _no_cp_for_masks()
+            mask, causal = ~attention_mask, False
+        elif parallel_state.get_context_parallel_world_size() > 1:
             k, v, q_pos, k_pos = _keys_over_cp(k, v)
             mask, causal = q_pos[:, None] >= k_pos[None, :], False
         out = F.scaled_dot_product_attention(
@@ -142,7 +165,13 @@ def _keys_over_cp(k: torch.Tensor, v: torch.Tensor):
 
 
 def selected_query_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, *, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention for the queries at `index` only, over every key (nat.md §2, URS).
 
@@ -151,7 +180,8 @@ def selected_query_attention(
     seq-major indices p * b + i into the [s, b] grid, repeats allowed. Returns [k, heads * d]
     in index order. The queries are regrouped per batch row into [b, k_max] slots, so the score
     matrix is b x k_max x keys (never k x b x keys); slots a row does not fill attend to every
-    key (finite) and are dropped.
+    key (finite) and are dropped. `attention_mask` [b, 1, s, s] (True = masked out,
+    segment_attention_mask; cp=1) replaces the causal rule.
     """
     s, b, heads, d = query.shape
     k, v = (t.permute(1, 2, 0, 3) for t in (key, value))  # [b, g, s, d]
@@ -165,9 +195,15 @@ def selected_query_attention(
     k_max = int(counts.max())
     q = query.reshape(s * b, heads, d).index_select(0, index)
     q = q.new_zeros(b, k_max, heads, d).index_put((rows, slot), q)
-    q_pos = torch.full((b, k_max), int(k_pos.max()), device=index.device)
-    q_pos = q_pos.index_put((rows, slot), q_pos_local[pos])
-    mask = q_pos[:, None, :, None] >= k_pos[None, None, None, :]
+    if attention_mask is not None:
+        _no_cp_for_masks()
+        seen = ~attention_mask[rows, 0, pos]  # [n, s]: the keys each selected query sees
+        mask = torch.ones(b, k_max, s, dtype=torch.bool, device=index.device)
+        mask = mask.index_put((rows, slot), seen).unsqueeze(1)
+    else:
+        q_pos = torch.full((b, k_max), int(k_pos.max()), device=index.device)
+        q_pos = q_pos.index_put((rows, slot), q_pos_local[pos])
+        mask = q_pos[:, None, :, None] >= k_pos[None, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=heads != k.shape[1]
     )

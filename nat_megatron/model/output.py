@@ -11,7 +11,10 @@ position, but its attention (queries), output projection, residual and MLP run o
 positions only (`selected_last_layer`, layers.selected_query_attention), with Transformer
 Engine's linears on GPU and our local spec on CPU, under TP, SP, PP and CP alike.
 
-`SelectiveGPTModel` is Megatron's GPTModel plus one keyword: `forward(..., output_index=idx)`.
+`SelectiveGPTModel` is Megatron's GPTModel plus two keywords: `forward(..., output_index=idx)`
+(below) and `rope_positions` [b, s]: the rotary position of every token, for rows whose positions
+do not count 0, 1, 2, ... (shared-prompt rows, train/batching.py; cp=1), where GPTModel itself
+rotates token t by position t.
 Without it (or on a stage without the output layer) it is GPTModel, unchanged. With it the last
 stage returns logits [k, V/tp] for the k positions of `idx`, flat indices into the decoder's
 [s, b] token grid in seq-major order (`positions_to_index`), instead of [b, s, V/tp].
@@ -82,7 +85,26 @@ class SelectiveGPTModel(GPTModel):
     # on the selected ones (tools/bench_nat.py measures what the last layer adds).
     select_last_layer: bool = True
 
-    def forward(self, input_ids, position_ids, attention_mask, *args, output_index=None, **kwargs):
+    _rope_positions: torch.Tensor | None = None
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, output_index=None, rope_positions=None, **kwargs):
+        self._rope_positions = rope_positions
+        try:
+            return self._forward(input_ids, position_ids, attention_mask, *args, output_index=output_index, **kwargs)
+        finally:
+            self._rope_positions = None
+
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        if self._rope_positions is None or out[1] is None:
+            return out
+        if self.config.context_parallel_size > 1:
+            raise ValueError("rope_positions (parallel.share_prompt) need cp=1; set parallel.share_prompt=false")
+        positions = self._rope_positions
+        table = self.rotary_pos_emb(int(positions.max()) + 1)  # [S, 1, 1, d] for positions 0..S-1
+        return (out[0], table[:, 0][positions.t()], *out[2:])  # [s, b, 1, d]: each token's own
+
+    def _forward(self, input_ids, position_ids, attention_mask, *args, output_index=None, **kwargs):
         decoder = self.decoder
         norm = decoder.final_layernorm
         if output_index is None or not self.post_process or norm is None:
@@ -128,7 +150,8 @@ class SelectiveGPTModel(GPTModel):
         if last is None:
             rows = self._select(hidden_states, index)
         else:
-            rows = selected_last_layer(last, hidden_states, index, rotary_pos_emb, self._select)
+            mask = kwargs.get("attention_mask")
+            rows = selected_last_layer(last, hidden_states, index, rotary_pos_emb, self._select, attention_mask=mask)
         selected = norm(rows)
         output_weight = None
         if self.share_embeddings_and_output_weights:
@@ -170,7 +193,7 @@ class SelectiveGPTModel(GPTModel):
 
 
 def selected_last_layer(
-    layer, hidden_states: torch.Tensor, index: torch.Tensor, rotary_pos_emb, select
+    layer, hidden_states: torch.Tensor, index: torch.Tensor, rotary_pos_emb, select, *, attention_mask=None
 ) -> torch.Tensor:
     """A transformer layer (pre-norm attention + MLP, Megatron's TransformerLayer with our
     spec's modules) whose outputs are needed at the positions `index` only.
@@ -196,7 +219,7 @@ def selected_last_layer(
             query = apply_rotary_pos_emb(query, q_emb, config=config, cp_group=cp_group)
             key = apply_rotary_pos_emb(key, k_emb, config=config, cp_group=cp_group)
         scale = config.softmax_scale or query.shape[-1] ** -0.5
-        context_rows = selected_query_attention(query, key, value, index, scale=scale)
+        context_rows = selected_query_attention(query, key, value, index, scale=scale, attention_mask=attention_mask)
         out, bias = attn.linear_proj(context_rows.unsqueeze(1))
         h = select(hidden_states, index) + (out if bias is None else out + bias)
         out, bias = layer.mlp(layer.pre_mlp_layernorm(h))

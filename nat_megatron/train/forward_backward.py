@@ -34,7 +34,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-from nat_megatron.model.layers import cp_chunk_positions
+from nat_megatron.model.layers import cp_chunk_positions, segment_attention_mask
 from nat_megatron.model.logprobs import vocab_parallel_token_stats
 from nat_megatron.model.output import positions_to_index, scatter_positions
 from nat_megatron.parallel.layout import Layout, token_multiple
@@ -104,6 +104,8 @@ class MicroBatch:
         )
 
     def position_ids(self) -> torch.Tensor:
+        if "position_ids" in self.fields:  # shared-prompt rows (batching.py) carry their own
+            return self.fields["position_ids"]
         cp = parallel_state.get_context_parallel_world_size()
         s = self.seq_len
         if cp == 1:
@@ -184,11 +186,14 @@ def forward_backward(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        tokens = _device(mb.tokens)
+        tokens, positions = _device(mb.tokens), _device(mb.position_ids())
+        mask, extra = None, {}
+        if "segment" in mb.fields:  # shared-prompt rows: their own mask and rotary positions
+            mask, extra = _device(segment_attention_mask(mb.fields["segment"])), {"rope_positions": positions}
         if output_mask is None:
-            return model(tokens, _device(mb.position_ids()), None), partial(_loss, mb, None)
+            return model(tokens, positions, mask, **extra), partial(_loss, mb, None)
         index = _device(positions_to_index(mb.fields[output_mask]))
-        output = model(tokens, _device(mb.position_ids()), None, output_index=index)
+        output = model(tokens, positions, mask, output_index=index, **extra)
         return output, partial(_loss, mb, index)
 
     def _loss(mb: MicroBatch, index: torch.Tensor | None, logits: torch.Tensor):

@@ -32,7 +32,7 @@ from nat_megatron.checkpoint.lock import hold_checkpoint_dir
 from nat_megatron.checkpoint.resume import check_run, resume_checkpoint
 from nat_megatron.config import Config
 from nat_megatron.data.iterator import DataIterator
-from nat_megatron.model.build import build_model
+from nat_megatron.model.build import attention_backend, build_model
 from nat_megatron.nat.loss import group_advantages
 from nat_megatron.nat.otb import logit_gradient_proxy, optimal_token_baseline, outcome_returns, proxy_prefix_lengths
 from nat_megatron.nat.selection import Selection, sample, selection_generators
@@ -92,6 +92,11 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.layout = cfg.parallel.layout()
+        if cfg.parallel.share_prompt and attention_backend() != "sdpa":
+            raise ValueError(
+                "parallel.share_prompt needs the SDPA attention: Transformer Engine's causal attention "
+                "(used on this GPU) would ignore the rows' attention mask; set parallel.share_prompt=false"
+            )
         # Every padded length: each rank's share whole after the TP/SP/CP split (and FP8-aligned).
         self.seq_multiple = token_multiple(self.layout, fp8=cfg.model.fp8)
         init_distributed(self.layout, seed=cfg.train.seed)
@@ -504,7 +509,12 @@ class Trainer:
             if p.max_tokens_per_micro_batch
             else {"num_micro_batches": -(-n // p.micro_batch_size)}
         )
-        return {"seq_multiple": self.seq_multiple, "pad_rows": self.layout.vpp is not None, **size}
+        return {
+            "seq_multiple": self.seq_multiple,
+            "pad_rows": self.layout.vpp is not None,
+            "share_prompt": p.share_prompt,
+            **size,
+        }
 
     def select(self, batch: RolloutBatch) -> Selection:
         """The NAT selection of this replica's samples, drawn from (seed, step, step-wide sample

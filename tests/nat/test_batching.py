@@ -4,11 +4,13 @@ The loss check feeds known per-token log-probs through the micro-batches and com
 summed micro-batch losses with nat_loss on the untruncated response grid.
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from nat_megatron.model.layers import segment_attention_mask
 from nat_megatron.model.output import positions_to_index, scatter_positions
 from nat_megatron.nat.loss import AGGREGATIONS, LossConfig, nat_loss, normaliser_count
 from nat_megatron.nat.selection import Selection, sample, selection_generators
@@ -84,10 +86,18 @@ def test_counts_use_full_lengths(aggregation):
         assert mb.count == normaliser_count(sel.lengths[members], aggregation) + (skipped if k == 0 else 0)
 
 
+def grouped(samples: list[Sample], size: int) -> list[Sample]:
+    """The samples with the prompt of the first of every `size` (GRPO groups)."""
+    return [dataclasses.replace(s, prompt=samples[size * (i // size)].prompt) for i, s in enumerate(samples)]
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("scheme,budget", [("rpc", 0.4), ("urs", 0.5), ("rpc+urs", 0.3), ("none", 1.0)])
-def test_loss_fn_equals_nat_loss_on_the_full_grid(aggregation, scheme, budget):
+def test_loss_fn_equals_nat_loss_on_the_full_grid(aggregation, scheme, budget, share_prompt):
     samples = make_samples(9, seed=2, ref=True)
+    if share_prompt:
+        samples = grouped(samples, 3)
     sel = select(samples, scheme, budget)
     cfg = LossConfig(
         aggregation=aggregation,
@@ -99,17 +109,17 @@ def test_loss_fn_equals_nat_loss_on_the_full_grid(aggregation, scheme, budget):
     g = torch.Generator().manual_seed(5)
     lp = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 2).requires_grad_()
     ent = torch.rand(B, T, generator=g, dtype=torch.float64)
-    mbs = build_micro_batches(samples, sel, aggregation=aggregation, seq_multiple=2, num_micro_batches=2)
+    mbs = build_micro_batches(
+        samples, sel, aggregation=aggregation, seq_multiple=2, num_micro_batches=2, share_prompt=share_prompt
+    )
+    if share_prompt:  # some row holds several responses
+        assert any(len((mb.fields["segment"][r]).unique()) > 2 for mb in mbs for r in range(mb.tokens.shape[0]))
     fn, total, count = nat_loss_fn(cfg), 0.0, 0
     for mb in mbs:
-        row = torch.zeros(mb.tokens.shape[0], dtype=torch.long)
-        for _, r, i in rows_of([mb], samples):
-            row[r] = i
+        row = (mb.fields["sample"] - 1).clamp(min=0)
         col = (mb.fields["response_pos"] - 1).clamp(min=0)
         on = mb.fields["response_pos"] > 0
-        stats = {
-            k: torch.where(on, x[row[:, None], col], torch.zeros(())) for k, x in (("logprobs", lp), ("entropy", ent))
-        }
+        stats = {k: torch.where(on, x[row, col], torch.zeros(())) for k, x in (("logprobs", lp), ("entropy", ent))}
         loss_sum, c, _ = fn(stats, mb)
         total, count = total + loss_sum, count + c
     old = torch.nn.utils.rnn.pad_sequence([s.old_logprobs for s in samples], batch_first=True)
@@ -235,3 +245,61 @@ def test_empty_sample_list_gives_one_zero_weight_row():
             assert float(loss) == 0.0 and count == 0
     with pytest.raises(ValueError, match="selection must be a Selection"):
         build_micro_batches(make_samples(2), None, aggregation="token-mean", num_micro_batches=1)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 24])
+def test_shared_prompt_rows(max_tokens):
+    """share_prompt: the prompt once per row, then one segment per response of that prompt, each
+    with the last prompt token first, its rotary positions continuing the prompt's, and the same
+    targets and fields as in a row of its own; a row never passes max_tokens."""
+    samples = grouped(make_samples(12, seed=7), 4)
+    sel = select(samples, budget=0.6)
+    size = {"max_tokens": max_tokens} if max_tokens else {"num_micro_batches": 2}
+    mbs = build_micro_batches(samples, sel, aggregation="token-mean", seq_multiple=4, share_prompt=True, **size)
+    seen = []
+    for mb in mbs:
+        f = mb.fields
+        assert mb.seq_len % 4 == 0 and (max_tokens is None or mb.tokens.numel() <= max_tokens)
+        for r in range(mb.tokens.shape[0]):
+            segments = [int(k) for k in f["segment"][r].unique() if k > 0]
+            if not segments:
+                continue
+            first = int(f["sample"][r][f["segment"][r] == 1][0]) - 1
+            p = samples[first].prompt
+            P = len(p)
+            assert torch.equal(mb.tokens[r, : P - 1], p[:-1]) and not f["segment"][r, : P - 1].any()
+            assert torch.equal(f["position_ids"][r, : P - 1], torch.arange(P - 1))
+            for k in segments:
+                at = (f["segment"][r] == k).nonzero().squeeze(1)
+                i = int(f["sample"][r, at[0]]) - 1
+                smp, c = samples[i], int(sel.cut[i])
+                assert torch.equal(smp.prompt, p) and len(at) == c and torch.equal(at, at[0] + torch.arange(c))
+                assert int(mb.tokens[r, at[0]]) == int(p[-1])
+                assert torch.equal(mb.tokens[r, at[1:]], smp.response[: c - 1])
+                assert torch.equal(mb.targets[r, at], smp.response[:c])
+                assert torch.equal(f["position_ids"][r, at], torch.arange(P - 1, P - 1 + c))
+                assert torch.equal(f["response_pos"][r, at], torch.arange(1, c + 1))
+                assert torch.equal(f[KEPT_FIELD][r, at], sel.mask[i, :c])
+                assert torch.equal(f["old_logprobs"][r, at], smp.old_logprobs[:c])
+                assert (f["advantages"][r, at] == smp.advantage).all()
+                assert (f["lengths"][r, at] == len(smp.response)).all()
+                seen.append(i)
+    assert sorted(seen) == [i for i in range(len(samples)) if sel.cut[i] > 0]
+    assert sum(mb.count for mb in mbs) == int(sel.lengths.sum())
+    unshared = build_micro_batches(samples, sel, aggregation="token-mean", seq_multiple=4, num_micro_batches=2)
+    fed = lambda batches: sum(int((mb.fields["response_pos"] > 0).sum()) for mb in batches)  # noqa: E731
+    assert fed(mbs) == fed(unshared)  # the same response positions, fewer prompt tokens
+    if max_tokens is None:
+        assert sum(mb.tokens.numel() for mb in mbs) < sum(mb.tokens.numel() for mb in unshared)
+
+
+def test_segment_attention_mask():
+    # prompt (0), response 1 (two positions), response 2 (two), padding (0)
+    seg = torch.tensor([[0, 0, 1, 1, 2, 2, 0]])
+    masked = segment_attention_mask(seg)[0, 0]
+    sees = [set((~masked[q]).nonzero().squeeze(1).tolist()) for q in range(7)]
+    assert sees[1] == {0, 1}
+    assert sees[3] == {0, 1, 2, 3}  # the prompt and its own segment, causally
+    assert sees[5] == {0, 1, 4, 5}  # never the other response
+    assert sees[6] == {0, 1, 6}  # padding sees something (finite), and no real position sees it
+    assert not any(6 in sees[q] for q in range(6))

@@ -52,6 +52,10 @@ def check_common(res: dict, nprocs: int):
     assert_close(res["urs_full_path"], res["checks"]["urs"], "urs: full path vs selected path")
     # Selected count padded as under MXFP8 (32 per TP rank): zero-weight rows change nothing.
     assert_close(res["rpc_pad_fp8"], res["checks"]["rpc"], "selected count padded as under MXFP8")
+    # A group's responses in one row behind their shared prompt (parallel.share_prompt, cp=1
+    # only): the same loss and gradients as a row each.
+    for check, (own_rows, shared) in res.get("shared", {}).items():
+        assert_close(shared, own_rows, f"share_prompt {check}")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +69,7 @@ def reference(tiny_hf):
 def test_single_process(reference):
     _, ref = reference
     check_common(ref, 1)
+    assert set(ref["shared"]) == {"rpc", "urs", "rpc_full"}
     for name in CHECKS:
         assert ref["checks"][name]["loss"] != 0.0
         assert any(g.abs().max() > 0 for g in ref["checks"][name]["grads"].values())

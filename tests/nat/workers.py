@@ -7,6 +7,7 @@ the NAT loss and gradients for RPC (truncated compute + selected outputs) and UR
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from types import SimpleNamespace
 
@@ -227,6 +228,31 @@ def _two_updates(ddp, samples, sel, lay, vocab) -> dict:
     return {"before": before, "after": gather_full(ddp), "grads": grads}
 
 
+def _shared_prompt_check(ddp, samples, sels, lay, vocab, micro_batches) -> dict:
+    """Responses of one prompt in one row (share_prompt: a segment mask, rotary positions that
+    continue the prompt) against a row each: {check: (a row each, shared)} loss and gradients,
+    through the selected last layer (rpc, urs) and the full output path (rpc_full)."""
+    grouped = [dataclasses.replace(s, prompt=samples[4 * (i // 4)].prompt) for i, s in enumerate(samples)]
+    out = {}
+    for check, name, output_mask in (("rpc", "rpc", KEPT_FIELD), ("urs", "urs", KEPT_FIELD), ("rpc_full", "rpc", None)):
+        agg = CHECKS[name][2]
+        cfg = LossConfig(aggregation=agg, seq_token_sum_constant=32.0 if agg == "seq-mean-token-sum" else None)
+        pair = []
+        for share in (False, True):
+            mbs = build_micro_batches(
+                grouped,
+                sels[name],
+                aggregation=agg,
+                seq_multiple=token_multiple(lay),
+                num_micro_batches=micro_batches,
+                pad_rows=lay.vpp is not None,
+                share_prompt=share,
+            )
+            pair.append(_loss_and_grads(ddp, mbs, nat_loss_fn(cfg), vocab, output_mask))
+        out[check] = pair
+    return out
+
+
 def nat_checks_layouts(*, runs: list[dict], hf_dir: str):
     """nat_checks for each dict of `runs` (layout, micro_batches) in one launch."""
     out = [nat_checks(hf_dir=hf_dir, keep_groups=True, **run) for run in runs]
@@ -291,6 +317,8 @@ def nat_checks(*, layout: dict, hf_dir: str, plain: bool = False, micro_batches:
         result["rpc_pad_fp8"] = _loss_and_grads(ddp, mbs["rpc"], nat_loss_fn(LossConfig()), arch.vocab_size, KEPT_FIELD)
     finally:
         output_module.selected_count_multiple = plain_multiple
+    if lay.cp == 1:
+        result["shared"] = _shared_prompt_check(ddp, samples, sels, lay, arch.vocab_size, micro_batches)
     result["otb_stats"], result["otb"] = _otb_check(ddp, samples, sels["rpc"], lay, arch.vocab_size, micro_batches)
     if plain:  # scheme "none" through batching + NAT loss against plain GRPO
         cfg = LossConfig()
