@@ -301,6 +301,8 @@ class NatConfig:
     budget: float = 1.0
     rpc_floor: float | None = None  # rpc, rpc+urs: keep the whole response with this probability
     urs_budget: float | None = None  # rpc+urs: URS rate inside the prefix (default sqrt(budget))
+    # A scheme ignores the options it does not use, so a config's rpc_floor survives an override
+    # such as nat.scheme=urs (or none) and applies again when the scheme is rpc.
 
     def __post_init__(self):
         _one_of("nat.scheme", self.scheme, SCHEMES)
@@ -310,19 +312,13 @@ class NatConfig:
             "nat.budget",
             f"scheme 'none' keeps every token, so the budget is 1; got {self.budget}",
         )
-        if self.rpc_floor is not None:
-            _check(
-                "rpc" in self.scheme,
-                "nat.rpc_floor",
-                f"applies to rpc and rpc+urs only; set it to null for scheme {self.scheme!r}",
-            )
+        if self.rpc_floor is not None and "rpc" in self.scheme:
             _check(
                 0 < self.rpc_floor <= self.budget,
                 "nat.rpc_floor",
                 f"must be in (0, budget={self.budget}], got {self.rpc_floor}",
             )
-        if self.urs_budget is not None:
-            _check(self.scheme == "rpc+urs", "nat.urs_budget", "applies to scheme rpc+urs only; set it to null")
+        if self.urs_budget is not None and self.scheme == "rpc+urs":
             _check(
                 self.budget <= self.urs_budget <= 1,
                 "nat.urs_budget",
@@ -330,8 +326,11 @@ class NatConfig:
             )
 
     def options(self) -> dict:
-        """Keyword options for selection.sample."""
-        opts = {"rpc_floor": self.rpc_floor, "urs_budget": self.urs_budget}
+        """Keyword options for selection.sample: those the scheme uses."""
+        opts = {
+            "rpc_floor": self.rpc_floor if "rpc" in self.scheme else None,
+            "urs_budget": self.urs_budget if self.scheme == "rpc+urs" else None,
+        }
         return {k: v for k, v in opts.items() if v is not None}
 
 

@@ -71,6 +71,7 @@ def test_overrides():
         ("nat.scheme=rpc+urs", None),
         ("nat.scheme=bogus", "nat.scheme: use one of"),
         ("nat.rpc_floor=0.1", None),
+        ("nat.rpc_floor=0.45", None),
         ("nat.rpc_floor=0.9", "nat.rpc_floor: must be in (0, budget=0.5]"),
         ("loss.eps_low=2", "loss.eps_low"),
         ("loss.aggregation=mean", "loss.aggregation"),
@@ -213,3 +214,14 @@ def test_wandb_dir():
     assert load_config(CPU, ["telemetry.wandb.dir=elsewhere"]).telemetry.wandb_dir() == Path("elsewhere")
     with pytest.raises(ValueError, match=r"^telemetry.wandb.dir: its default is next to telemetry.tensorboard_dir"):
         load_config(CPU, ["telemetry.wandb.enabled=true", "telemetry.tensorboard_dir=null"])
+
+
+def test_scheme_override_keeps_unused_options():
+    """The default config sets nat.rpc_floor; nat.scheme=urs or none ignores it (and the
+    selection gets no option it does not take), rpc uses it again."""
+    for scheme, budget, opts in (("urs", 0.5, {}), ("none", 1, {}), ("rpc", 0.5, {"rpc_floor": 0.25})):
+        cfg = load_config(CPU, [f"nat.scheme={scheme}", f"nat.budget={budget}"])
+        assert cfg.nat.rpc_floor == 0.25 and cfg.nat.options() == opts
+    cfg = load_config(CPU, ["nat.scheme=rpc+urs", "nat.urs_budget=0.8", "nat.rpc_floor=0.2"])
+    assert cfg.nat.options() == {"rpc_floor": 0.2, "urs_budget": 0.8}
+    assert load_config(CPU, ["nat.scheme=rpc", "nat.urs_budget=0.8"]).nat.options() == {"rpc_floor": 0.25}
