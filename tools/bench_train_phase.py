@@ -79,13 +79,14 @@ def bench(cfg, args) -> dict | None:
         times = {c: [] for c in conditions}
         info = {}
         for r in range(args.warmup + args.repeats):
-            for scheme, max_tokens, share in conditions:
-                share = cfg.parallel.share_prompt if share is None else share
+            for key in conditions:
+                scheme, max_tokens, share = key
+                on = cfg.parallel.share_prompt if share is None else share
                 trainer.cfg = dataclasses.replace(
                     cfg,
                     nat=dataclasses.replace(cfg.nat, scheme=scheme, budget=1.0 if scheme == "none" else cfg.nat.budget),
                     parallel=dataclasses.replace(
-                        cfg.parallel, max_tokens_per_micro_batch=max_tokens or None, share_prompt=share
+                        cfg.parallel, max_tokens_per_micro_batch=max_tokens or None, share_prompt=on
                     ),
                 )
                 fed = kept = generated = 0
@@ -101,10 +102,9 @@ def bench(cfg, args) -> dict | None:
                 dist.barrier(group=cpu_group())
                 if profile:
                     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-                    path = Path(args.profile) / f"{_name(scheme, max_tokens, share)}.rank{trainer.rank}.txt"
+                    path = Path(args.profile) / f"{_name(scheme, max_tokens, on)}.rank{trainer.rank}.txt"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(table)
-                key = (scheme, max_tokens, None if shares == [None] else share)
                 if r >= args.warmup:
                     times[key].append(time.perf_counter() - t0)
                 info[key] = {"response_tokens_fed": fed, "kept_fraction": round(kept / generated, 4)}

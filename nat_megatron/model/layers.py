@@ -92,10 +92,12 @@ def segment_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     return ~(causal & ((k == 0) | (k == q))).unsqueeze(1)
 
 
-def _no_cp_for_masks() -> None:
+def check_no_cp_for_masks() -> None:
+    """Explicit masks and per-token rotary positions (shared-prompt rows) assume one CP rank."""
     if parallel_state.get_context_parallel_world_size() > 1:
         raise ValueError(
-            "an explicit attention mask (parallel.share_prompt) needs cp=1; set parallel.share_prompt=false"
+            "an explicit attention mask or rotary positions (parallel.share_prompt) need cp=1; "
+            "set parallel.share_prompt=false"
         )
 
 
@@ -126,7 +128,7 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask, causal = None, True
         if attention_mask is not None:  # [b, 1, s, s], True = masked out
-            _no_cp_for_masks()
+            check_no_cp_for_masks()
             mask, causal = ~attention_mask, False
         elif parallel_state.get_context_parallel_world_size() > 1:
             k, v, q_pos, k_pos = _keys_over_cp(k, v)
@@ -196,7 +198,7 @@ def selected_query_attention(
     q = query.reshape(s * b, heads, d).index_select(0, index)
     q = q.new_zeros(b, k_max, heads, d).index_put((rows, slot), q)
     if attention_mask is not None:
-        _no_cp_for_masks()
+        check_no_cp_for_masks()
         seen = ~attention_mask[rows, 0, pos]  # [n, s]: the keys each selected query sees
         mask = torch.ones(b, k_max, s, dtype=torch.bool, device=index.device)
         mask = mask.index_put((rows, slot), seen).unsqueeze(1)

@@ -46,7 +46,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
-from nat_megatron.model.layers import selected_query_attention
+from nat_megatron.model.layers import check_no_cp_for_masks, selected_query_attention
 from nat_megatron.parallel.layout import Layout, token_multiple
 
 
@@ -98,8 +98,7 @@ class SelectiveGPTModel(GPTModel):
         out = super()._preprocess(*args, **kwargs)
         if self._rope_positions is None or out[1] is None:
             return out
-        if self.config.context_parallel_size > 1:
-            raise ValueError("rope_positions (parallel.share_prompt) need cp=1; set parallel.share_prompt=false")
+        check_no_cp_for_masks()
         positions = self._rope_positions
         table = self.rotary_pos_emb(int(positions.max()) + 1)  # [S, 1, 1, d] for positions 0..S-1
         return (out[0], table[:, 0][positions.t()], *out[2:])  # [s, b, 1, d]: each token's own

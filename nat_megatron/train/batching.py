@@ -246,6 +246,43 @@ def _shared_rows(samples, live: list[int], cuts: list[int], multiple: int, max_t
     return rows
 
 
+_FIELD_DTYPES = {
+    "response_pos": torch.long,
+    KEPT_FIELD: torch.bool,
+    "prob": torch.float64,
+    "lengths": torch.long,
+    "sample": torch.long,
+    "position_ids": torch.long,
+    "segment": torch.long,
+}  # every other field is float32
+
+
+def _zero_fields(samples, b: int, s_pad: int, extra: tuple = ()) -> tuple[dict, list]:
+    """The per-position fields of b rows of s_pad positions, all zero, and the OPTIONAL names
+    the samples carry."""
+    optional = [n for n in OPTIONAL if samples and getattr(samples[0], n) is not None]
+    names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample", *extra]
+    return {k: torch.zeros(b, s_pad, dtype=_FIELD_DTYPES.get(k, torch.float32)) for k in [*names, *optional]}, optional
+
+
+def _put_response(f: dict, optional: list, r: int, at: slice, span: slice, smp: Sample, i: int, c: int, selection):
+    """Sample i's fields in row r: per token at the positions `at` of its c kept tokens, and its
+    sequence-wide values (a scalar advantage, the full length, the sample id) over `span` (the
+    whole row when the row holds this sample only)."""
+    f["response_pos"][r, at] = torch.arange(1, c + 1)
+    f["old_logprobs"][r, at] = smp.old_logprobs[:c].float()
+    f[KEPT_FIELD][r, at] = selection.mask[i, :c]
+    f["prob"][r, at] = selection.prob[i, :c]
+    if isinstance(smp.advantage, torch.Tensor):
+        f["advantages"][r, at] = smp.advantage[:c].float()
+    else:
+        f["advantages"][r, span] = float(smp.advantage)
+    f["lengths"][r, span] = int(selection.lengths[i])
+    f["sample"][r, span] = i + 1
+    for n in optional:
+        f[n][r, at] = getattr(smp, n)[:c].float()
+
+
 def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count, shared=False) -> MicroBatch:
     """Rows for `members` (tuples of sample indices; None: an empty zero-weight row) padded to
     s_pad positions."""
@@ -254,17 +291,7 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count, shar
     members = [None if m is None else m[0] for m in members]
     b = len(members)
     tokens = torch.zeros(b, s_pad + 1, dtype=torch.long)  # + 1: the last target
-    optional = [n for n in OPTIONAL if samples and getattr(samples[0], n) is not None]
-    names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample"]
-    names += optional
-    dtypes = {
-        "response_pos": torch.long,
-        KEPT_FIELD: torch.bool,
-        "prob": torch.float64,
-        "lengths": torch.long,
-        "sample": torch.long,
-    }
-    f = {k: torch.zeros(b, s_pad, dtype=dtypes.get(k, torch.float32)) for k in names}
+    f, optional = _zero_fields(samples, b, s_pad)
     for r, i in enumerate(members):
         if i is None:
             if prompt_only is not None and r == 0:
@@ -276,18 +303,7 @@ def _micro_batch(samples, selection, members, s_pad, *, prompt_only, count, shar
         tokens[r, :p] = smp.prompt
         tokens[r, p : p + c] = smp.response[:c]
         at = slice(p - 1, p - 1 + c)  # position p - 1 + j predicts response token j
-        f["response_pos"][r, at] = torch.arange(1, c + 1)
-        f["old_logprobs"][r, at] = smp.old_logprobs[:c].float()
-        f[KEPT_FIELD][r, at] = selection.mask[i, :c]
-        f["prob"][r, at] = selection.prob[i, :c]
-        if isinstance(smp.advantage, torch.Tensor):
-            f["advantages"][r, at] = smp.advantage[:c].float()
-        else:
-            f["advantages"][r] = float(smp.advantage)
-        f["lengths"][r] = int(selection.lengths[i])
-        f["sample"][r] = i + 1
-        for n in optional:
-            f[n][r, at] = getattr(smp, n)[:c].float()
+        _put_response(f, optional, r, at, slice(None), smp, i, c, selection)
     return MicroBatch(tokens=tokens[:, :-1].clone(), targets=tokens[:, 1:].clone(), fields=f, count=count)
 
 
@@ -296,19 +312,7 @@ def _shared_micro_batch(samples, selection, members, s_pad, *, prompt_only, coun
     b = len(members)
     tokens = torch.zeros(b, s_pad, dtype=torch.long)
     targets = torch.zeros(b, s_pad, dtype=torch.long)
-    optional = [n for n in OPTIONAL if samples and getattr(samples[0], n) is not None]
-    names = ["response_pos", "old_logprobs", KEPT_FIELD, "prob", "advantages", "lengths", "sample"]
-    names += ["position_ids", "segment", *optional]
-    dtypes = {
-        "response_pos": torch.long,
-        KEPT_FIELD: torch.bool,
-        "prob": torch.float64,
-        "lengths": torch.long,
-        "sample": torch.long,
-        "position_ids": torch.long,
-        "segment": torch.long,
-    }
-    f = {k: torch.zeros(b, s_pad, dtype=dtypes.get(k, torch.float32)) for k in names}
+    f, optional = _zero_fields(samples, b, s_pad, extra=("position_ids", "segment"))
     for r, row in enumerate(members):
         if row is None:
             if prompt_only is not None and r == 0:
@@ -328,16 +332,7 @@ def _shared_micro_batch(samples, selection, members, s_pad, *, prompt_only, coun
             targets[r, at] = smp.response[:c]
             f["position_ids"][r, at] = torch.arange(len(p) - 1, len(p) - 1 + c)
             f["segment"][r, at] = k
-            f["response_pos"][r, at] = torch.arange(1, c + 1)
-            f["old_logprobs"][r, at] = smp.old_logprobs[:c].float()
-            f[KEPT_FIELD][r, at] = selection.mask[i, :c]
-            f["prob"][r, at] = selection.prob[i, :c]
-            adv = smp.advantage
-            f["advantages"][r, at] = adv[:c].float() if isinstance(adv, torch.Tensor) else float(adv)
-            f["lengths"][r, at] = int(selection.lengths[i])
-            f["sample"][r, at] = i + 1
-            for n in optional:
-                f[n][r, at] = getattr(smp, n)[:c].float()
+            _put_response(f, optional, r, at, at, smp, i, c, selection)
             t += c
     return MicroBatch(tokens=tokens, targets=targets, fields=f, count=count)
 
