@@ -312,13 +312,14 @@ class NatConfig:
             "nat.budget",
             f"scheme 'none' keeps every token, so the budget is 1; got {self.budget}",
         )
-        if self.rpc_floor is not None and "rpc" in self.scheme:
+        used = self.options()  # the options this scheme uses: only those are checked
+        if "rpc_floor" in used:
             _check(
                 0 < self.rpc_floor <= self.budget,
                 "nat.rpc_floor",
                 f"must be in (0, budget={self.budget}], got {self.rpc_floor}",
             )
-        if self.urs_budget is not None and self.scheme == "rpc+urs":
+        if "urs_budget" in used:
             _check(
                 self.budget <= self.urs_budget <= 1,
                 "nat.urs_budget",
