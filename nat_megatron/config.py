@@ -215,7 +215,9 @@ class RolloutConfig:
     On GPU an engine may use `gpu_memory_utilization` of its GPU for weights, activations and
     KV cache (or exactly `kv_cache_gb` of KV cache when set); it sleeps while the trainer
     trains. On CPU `kv_cache_gb` sizes the KV cache (1 GiB when null). The trainer's weights
-    reach the engines in buckets of `sync_bucket_mb` after every step.
+    reach the engines in buckets of `sync_bucket_mb` after every step. `enforce_eager: false`
+    lets vLLM compile the model (torch.compile; CUDA graphs on GPU): faster decoding for a
+    start-up cost once per job (on CPU 1-2 minutes); true runs it eagerly (tests, short jobs).
     """
 
     engine: str = "vllm"
@@ -228,6 +230,7 @@ class RolloutConfig:
     kv_cache_gb: float | None = None
     sync_bucket_mb: float = 512.0
     dtype: str = "bf16"
+    enforce_eager: bool = False
     filter_groups: bool = False  # DAPO dynamic sampling: train only on groups with unequal rewards
     max_resample: int = 0  # with filter_groups: extra rounds of prompts to fill the step
 

@@ -93,11 +93,14 @@ class RolloutEngine:
         gpu_memory_utilization: float = 0.35,
         kv_cache_gb: float | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
         log_file: str | None = None,
     ):
         """On GPU the KV cache is what `gpu_memory_utilization` of the GPU leaves after the
         weights, or exactly `kv_cache_gb` when set; on CPU `kv_cache_gb` (default 1 GiB).
-        `log_file`: where vLLM's own log lines go (None: the console)."""
+        `enforce_eager`: skip vLLM's compilation (torch.compile, and CUDA graphs on GPU): a
+        faster start, slower decoding. `log_file`: where vLLM's own log lines go (None: the
+        console)."""
         on_cpu = not torch.cuda.is_available()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in this process
         # vLLM pins torch to OMP_NUM_THREADS: give it this rank's share of the cores.
@@ -113,7 +116,7 @@ class RolloutEngine:
             self.llm = LLM(
                 model=str(model_dir),
                 dtype=dtype,
-                enforce_eager=True,
+                enforce_eager=enforce_eager,
                 seed=seed,
                 tensor_parallel_size=tp,
                 distributed_executor_backend="external_launcher",

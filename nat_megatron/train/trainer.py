@@ -210,6 +210,7 @@ class Trainer:
             gpu_memory_utilization=r.gpu_memory_utilization,
             kv_cache_gb=r.kv_cache_gb,
             seed=self.cfg.train.seed,
+            enforce_eager=r.enforce_eager,
             log_file=self._vllm_log(),
         )
 

@@ -8,7 +8,7 @@ import torch
 
 from nat_megatron.rollout.engine import RolloutEngine, SamplingConfig
 
-ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_gb=0.25)
+ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_gb=0.25, enforce_eager=True)
 
 
 def logprob_mismatch(engine_logprobs: list[list[float]], trainer_logprobs: list[torch.Tensor]) -> dict:
