@@ -268,7 +268,7 @@ def bench_nat() -> dict:
 
 @check("vllm_engine", limit_s=180)
 def vllm_engine() -> dict:
-    """vLLM GPU engine on SmolLM2: generate, sleep/wake_up, in-place weight update, bf16 log-prob gap."""
+    """vLLM GPU engine on SmolLM2 (compiled, CUDA graphs): generate, sleep/wake_up, weight update, bf16 gap."""
     _need_gpu()
     from nat_megatron.model.smollm2 import ensure_smollm2
 
