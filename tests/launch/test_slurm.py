@@ -309,7 +309,10 @@ def test_train_sbatch_runs_a_training_job(cluster, tmp_path, tiny_model):
         cancel(cluster, job_id)
 
 
-PREEMPT_STEPS = 3
+# Enough steps that the USR1 lands mid-run: after step 1 the tiny model's steps take ~0.5 s,
+# and the signal needs 1-5 s to arrive (two scancel round trips through slurmctld); with 3 steps
+# the job sometimes finished first and was never preempted (seen once in CI).
+PREEMPT_STEPS = 12
 
 
 def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(cluster, tmp_path, tiny_model):
